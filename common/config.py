@@ -1,0 +1,225 @@
+"""The one typed, validated run configuration, built from Flower's ``context.run_config``.
+
+Both the ServerApp and the ClientApp call :func:`RunConfig.from_run_config` first thing,
+so a bad value fails before any training, with a message that names the key, the bad value
+and what would be valid. Nothing else in the project reads raw run-config keys.
+
+Keys are kebab-case (as in ``pyproject.toml``); attributes are the same names in
+snake_case. Every key's default lives both here and in ``[tool.flwr.app.config]``; a test
+keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from common.names import DATASETS, MODELS, OPTIMIZERS, PARTITIONERS, STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A run-config or node-config value is missing, of the wrong type, or out of range."""
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if value not in choices:
+            raise ConfigError(
+                f"{key} = {value!r} is not valid; choose one of: {', '.join(choices)}"
+            )
+
+    return check
+
+
+def _range(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    def check(key: str, value: Any) -> None:
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if too_low or too_high:
+            left = "(" if low_open else "["
+            right = ")" if high_open else "]"
+            raise ConfigError(
+                f"{key} = {value!r} is out of range; valid values lie in "
+                f"{left}{low}, {high}{right}"
+            )
+
+    return check
+
+
+def _absolute_path_or_empty(key: str, value: Any) -> None:
+    if value and not os.path.isabs(value):
+        raise ConfigError(
+            f"{key} = {value!r} is not an absolute path; give an absolute path "
+            f"(e.g. {os.path.abspath(value)!r}) or leave it empty for the default"
+        )
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} = {value!r} must be a whole number >= 1")
+
+
+def _non_negative(key: str, value: Any) -> None:
+    if value < 0:
+        raise ConfigError(f"{key} = {value!r} must be >= 0")
+
+
+def _clients_per_round(key: str, value: Any) -> None:
+    if isinstance(value, int) and value >= 1:
+        return
+    if isinstance(value, float) and 0.0 < value <= 1.0:
+        return
+    raise ConfigError(
+        f"{key} = {value!r} is not valid; give a whole number >= 1 (clients per round) "
+        "or a fraction in (0, 1] (share of connected clients, 1.0 = all)"
+    )
+
+
+INF = float("inf")
+
+
+def _key(name: str, default: Any, check: Callable[[str, Any], None] | None = None, help: str = ""):
+    """A dataclass field that knows its run-config key, its validator and its meaning."""
+    return field(default=default, metadata={"key": name, "check": check, "help": help})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Validated run configuration. See ``[tool.flwr.app.config]`` in pyproject.toml."""
+
+    num_server_rounds: int = _key("num-server-rounds", 5, _positive_int, "rounds of federated training")
+    strategy: str = _key("strategy", "fedavg", _choice(STRATEGIES), "aggregation strategy")
+    dataset: str = _key("dataset", "digits", _choice(DATASETS), "dataset name")
+    dataset_samples: int = _key("dataset-samples", 5000, _positive_int, "mnist1d: samples to generate")
+    central_data_path: str = _key(
+        "central-data-path", "", _absolute_path_or_empty, "file: the server's held-out CSV/NPZ"
+    )
+    partitioner: str = _key("partitioner", "iid", _choice(PARTITIONERS), "how demo data is split")
+    dirichlet_alpha: float = _key("dirichlet-alpha", 0.5, _range(0, INF, low_open=True))
+    classes_per_client: int = _key("classes-per-client", 2, _positive_int, "pathological partitioner")
+    test_fraction: float = _key("test-fraction", 0.2, _range(0, 1, True, True), "central held-out share")
+    val_fraction: float = _key("val-fraction", 0.2, _range(0, 1, False, True), "client validation share")
+    model: str = _key("model", "mlp", _choice(MODELS), "model name")
+    optimizer: str = _key("optimizer", "sgd", _choice(OPTIMIZERS), "client optimizer")
+    local_epochs: int = _key("local-epochs", 2, _positive_int)
+    batch_size: int = _key("batch-size", 32, _positive_int)
+    learning_rate: float = _key("learning-rate", 0.1, _range(0, INF, low_open=True))
+    momentum: float = _key("momentum", 0.9, _range(0, 1, high_open=True))
+    clients_per_round: float = _key("clients-per-round", 1.0, _clients_per_round)
+    min_available_clients: int = _key("min-available-clients", 2, _positive_int, "wait for this many before a round")
+    fraction_evaluate: float = _key("fraction-evaluate", 1.0, _range(0, 1))
+    seed: int = _key("seed", 42, _non_negative)
+    output_dir: str = _key("output-dir", "", _absolute_path_or_empty, "absolute results directory")
+    proximal_mu: float = _key("proximal-mu", 0.01, _non_negative, "fedprox")
+    server_learning_rate: float = _key(
+        "server-learning-rate", 1.0, _range(0, INF, low_open=True), "fedavgm, fedadam, fedyogi, fedadagrad"
+    )
+    server_momentum: float = _key("server-momentum", 0.9, _range(0, 1, high_open=True), "fedavgm")
+    server_beta_1: float = _key("server-beta-1", 0.9, _range(0, 1, high_open=True), "fedadam, fedyogi")
+    server_beta_2: float = _key("server-beta-2", 0.99, _range(0, 1, high_open=True), "fedadam, fedyogi")
+    server_tau: float = _key("server-tau", 0.001, _range(0, INF, low_open=True), "fedadam, fedyogi, fedadagrad")
+    trim_beta: float = _key("trim-beta", 0.2, _range(0, 0.5, True, True), "fedtrimmedavg")
+    num_malicious_nodes: int = _key("num-malicious-nodes", 0, _non_negative, "krum, multikrum, bulyan")
+    num_nodes_to_select: int = _key("num-nodes-to-select", 3, _positive_int, "multikrum")
+    qfedavg_q: float = _key("qfedavg-q", 0.1, _non_negative, "qfedavg")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Check every key and value; missing keys take their defaults."""
+        known = {f.metadata["key"]: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s): {', '.join(unknown)}; "
+                f"valid keys: {', '.join(sorted(known))}"
+            )
+        values = {}
+        for key, f in known.items():
+            value = run_config.get(key, f.default)
+            value = _coerce(key, value, f.default)
+            check = f.metadata["check"]
+            if check is not None:
+                check(key, value)
+            values[f.name] = value
+        config = cls(**values)
+        config._check_combinations()
+        return config
+
+    def _check_combinations(self) -> None:
+        if self.dataset == "file" and not self.central_data_path:
+            raise ConfigError(
+                "dataset = 'file' needs central-data-path: the absolute path of the server's "
+                "held-out CSV/NPZ file (the same columns as the clients' files)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config with its run-config keys, as written to config.json."""
+        return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Accept TOML's int where a float is expected; refuse any other type change."""
+    expected = type(default)
+    if key == "clients-per-round":  # a count (int) or a fraction (float)
+        expected = (int, float)
+    if isinstance(value, bool) and expected is not bool:
+        raise ConfigError(f"{key} = {value!r} must be a {_type_name(default)}, not a boolean")
+    if expected is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, expected):
+        raise ConfigError(
+            f"{key} = {value!r} has type {type(value).__name__}; expected {_type_name(default)}"
+        )
+    return value
+
+
+def _type_name(default: Any) -> str:
+    return {int: "whole number", float: "number", str: "string", bool: "boolean"}[type(default)]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a client node says about itself (``--node-config`` in deployment).
+
+    Either ``data-path`` (the client's own CSV/NPZ file) or ``partition-id`` with
+    ``num-partitions`` (a demo partition of a built-in dataset).
+    """
+
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data_path: str = ""
+    state_dir: str = ""
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodeConfig":
+        known = {"partition-id", "num-partitions", "data-path", "state-dir"}
+        unknown = sorted(set(node_config) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown node-config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+            )
+        data_path = str(node_config.get("data-path", ""))
+        state_dir = str(node_config.get("state-dir", ""))
+        for key, value in (("data-path", data_path), ("state-dir", state_dir)):
+            _absolute_path_or_empty(key, value)
+        if data_path:
+            return cls(data_path=data_path, state_dir=state_dir)
+        if "partition-id" not in node_config or "num-partitions" not in node_config:
+            raise ConfigError(
+                "node config needs either data-path=<absolute path of this client's CSV/NPZ> "
+                f"or both partition-id and num-partitions; got {dict(node_config)!r}"
+            )
+        partition_id = node_config["partition-id"]
+        num_partitions = node_config["num-partitions"]
+        for key, value in (("partition-id", partition_id), ("num-partitions", num_partitions)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{key} = {value!r} must be a whole number")
+        if num_partitions < 1:
+            raise ConfigError(f"num-partitions = {num_partitions!r} must be >= 1")
+        if not 0 <= partition_id < num_partitions:
+            raise ConfigError(
+                f"partition-id = {partition_id!r} is out of range; valid values are 0..{num_partitions - 1}"
+            )
+        return cls(partition_id, num_partitions, "", state_dir)

@@ -1,0 +1,71 @@
+"""The data one client trains and validates on: its own file, or a demo partition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from common.config import NodeConfig, RunConfig
+from common.data.datasets import Dataset, load_dataset
+from common.data.files import DataFileError, load_table
+from common.data.partitioning import central_split, local_split, partition_indices
+
+
+@dataclass(frozen=True)
+class ClientData:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+@lru_cache(maxsize=4)
+def _cached_dataset(config: RunConfig) -> Dataset:
+    # Simulated clients share one process: load and generate once per config.
+    return load_dataset(config)
+
+
+def central_test_set(config: RunConfig) -> Dataset:
+    """The held-out split the server evaluates on; no client's partition overlaps it."""
+    data = _cached_dataset(config)
+    _, test = central_split(len(data), config.test_fraction, config.seed)
+    return Dataset(data.x[test], data.y[test], data.num_classes)
+
+
+@lru_cache(maxsize=4096)
+def _partition(config: RunConfig, num_partitions: int, partition_id: int) -> np.ndarray:
+    data = _cached_dataset(config)
+    pool, _ = central_split(len(data), config.test_fraction, config.seed)
+    return pool[partition_indices(data.y[pool], config, num_partitions, partition_id)]
+
+
+def load_client_data(config: RunConfig, node: NodeConfig, num_features: int, num_classes: int) -> ClientData:
+    """This client's train/validation arrays, checked against the model's input and classes."""
+    if node.data_path:
+        x, y = load_table(node.data_path)
+        seed = config.seed
+    else:
+        if config.dataset == "file":
+            raise DataFileError(
+                "dataset = 'file' has no demo partitions: start this client with "
+                "--node-config \"data-path=<absolute path of its CSV/NPZ>\""
+            )
+        data = _cached_dataset(config)
+        rows = _partition(config, node.num_partitions, node.partition_id)
+        x, y = data.x[rows], data.y[rows]
+        seed = config.seed + 1 + node.partition_id
+    where = node.data_path or f"partition {node.partition_id}"
+    if x.shape[1] != num_features:
+        raise DataFileError(
+            f"{where}: {x.shape[1]} features per example, but the model for dataset "
+            f"{config.dataset!r} expects {num_features}"
+        )
+    if y.max() >= num_classes:
+        raise DataFileError(
+            f"{where}: label {int(y.max())} is out of range; dataset {config.dataset!r} has "
+            f"classes 0..{num_classes - 1}"
+        )
+    train, val = local_split(len(y), config.val_fraction, seed)
+    return ClientData(x[train], y[train], x[val], y[val])

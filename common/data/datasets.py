@@ -1,0 +1,74 @@
+"""Dataset registry: a name from the run config -> features and labels, all offline.
+
+Every dataset is a pair of arrays: ``x`` float32 of shape (n, features) and ``y`` int64
+of shape (n,) with labels 0..num_classes-1. Splitting and partitioning happen elsewhere
+(:mod:`common.data.partitioning`), the same way for every dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from common.config import RunConfig
+from common.data.files import load_table
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+
+    @property
+    def num_features(self) -> int:
+        return int(self.x.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+def _digits(config: RunConfig) -> Dataset:
+    """sklearn's bundled 8x8 handwritten digits (1,797 images): no download, ever."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    return Dataset(x, bunch.target.astype(np.int64), 10)
+
+
+def _mnist1d(config: RunConfig) -> Dataset:
+    """MNIST-1D (Greydanus 2020), generated offline from its templates (never downloaded).
+
+    The generator is deterministic for a seed; ``dataset-samples`` sets the size, so a
+    federation of thousands of clients gets enough data.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = config.dataset_samples
+    args.seed = config.seed
+    # make_dataset splits train/test itself (80/20); we split centrally ourselves.
+    data = make_dataset(args)
+    x = np.concatenate([data["x"], data["x_test"]]).astype(np.float32)
+    y = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
+    return Dataset(x, y, 10)
+
+
+def _central_file(config: RunConfig) -> Dataset:
+    """A user's own data: the server's held-out file (clients bring their own files)."""
+    x, y = load_table(config.central_data_path, key="central-data-path")
+    return Dataset(x, y, int(y.max()) + 1)
+
+
+LOADERS: dict[str, Callable[[RunConfig], Dataset]] = {
+    "digits": _digits,
+    "mnist1d": _mnist1d,
+    "file": _central_file,
+}
+
+
+def load_dataset(config: RunConfig) -> Dataset:
+    return LOADERS[config.dataset](config)

@@ -1,0 +1,51 @@
+"""What server and clients say to each other beyond Flower's own keys.
+
+The server puts :class:`RoundInstructions` into every message's ConfigRecord; clients reply
+with the metric names below. Keeping the keys here keeps both sides in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, MetricRecord
+
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+TRAIN_LOSS = "train_loss"  # also the key QFedAvg reads
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_acc"
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    server_round: int
+    num_features: int
+    num_classes: int
+    proximal_mu: float = 0.0
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "server-round": self.server_round,
+                "num-features": self.num_features,
+                "num-classes": self.num_classes,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> "RoundInstructions":
+        # FedProx adds "proximal-mu" to the config it sends; other strategies do not.
+        return cls(
+            server_round=int(record["server-round"]),
+            num_features=int(record["num-features"]),
+            num_classes=int(record["num-classes"]),
+            proximal_mu=float(record.get("proximal-mu", 0.0)),
+        )
+
+
+def train_metrics(num_examples: int, train_loss: float) -> MetricRecord:
+    return MetricRecord({NUM_EXAMPLES: num_examples, TRAIN_LOSS: train_loss})
+
+
+def eval_metrics(num_examples: int, loss: float, accuracy: float) -> MetricRecord:
+    return MetricRecord({NUM_EXAMPLES: num_examples, EVAL_LOSS: loss, EVAL_ACCURACY: accuracy})

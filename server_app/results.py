@@ -1,0 +1,115 @@
+"""Everything a run leaves behind, written as it happens so a crash loses at most one round.
+
+``config.json`` at start; ``metrics.csv``/``metrics.json`` rewritten after every round;
+``summary.json``, ``model.pt`` and ``accuracy.png`` at the end. Every file is written to a
+temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from typing import Any
+
+import torch
+
+METRIC_COLUMNS = [
+    "round",
+    "central_loss",
+    "central_accuracy",
+    "federated_loss",
+    "federated_accuracy",
+    "train_loss",
+    "num_replies",
+    "num_failures",
+    "seconds",
+]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+class RunRecorder:
+    """Collects one row per round and keeps the results directory up to date."""
+
+    def __init__(self, output_dir: str, config: dict[str, Any]):
+        self.output_dir = output_dir
+        self.rows: list[dict[str, Any]] = []
+        os.makedirs(output_dir, exist_ok=True)
+        write_json(self.path("config.json"), config)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.output_dir, name)
+
+    def add_round(self, row: dict[str, Any]) -> None:
+        self.rows.append({key: _json_safe(row.get(key)) for key in METRIC_COLUMNS} | {
+            key: _json_safe(value) for key, value in row.items() if key not in METRIC_COLUMNS
+        })
+        write_json(self.path("metrics.json"), self.rows)
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        columns = list(self.rows[0])
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+        atomic_write(self.path("metrics.csv"), buffer.getvalue().encode())
+
+    def finish(self, state_dict: dict[str, torch.Tensor], wall_seconds: float, extra: dict[str, Any]) -> dict:
+        accuracies = [r["central_accuracy"] for r in self.rows if r["central_accuracy"] is not None]
+        summary = {
+            "final_central_accuracy": accuracies[-1] if accuracies else None,
+            "best_central_accuracy": max(accuracies) if accuracies else None,
+            "rounds": len(self.rows),
+            "wall_seconds": round(wall_seconds, 3),
+            "output_dir": self.output_dir,
+        } | extra
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        atomic_write(self.path("model.pt"), buffer.getvalue())
+        self.plot_accuracy()
+        write_json(self.path("summary.json"), summary)
+        return summary
+
+    def plot_accuracy(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rounds = [r["round"] for r in self.rows]
+        for key, label in (("central_accuracy", "central (held-out)"), ("federated_accuracy", "federated (clients' val)")):
+            values = [r[key] if r[key] is not None else float("nan") for r in self.rows]
+            ax.plot(rounds, values, marker="o", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.path("accuracy.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.path("accuracy.png"))

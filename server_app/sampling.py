@@ -1,0 +1,42 @@
+"""Which clients take part in a round.
+
+Sampling lives here rather than inside each Flower strategy so that it is seeded (the same
+run picks the same clients), the same for every strategy, and so the privacy accountant
+can be told exactly how clients were sampled.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterable, Sequence
+
+
+class ClientSampler:
+    """Fixed-size sampling without replacement: a count (int >= 1) or a share (float <= 1)."""
+
+    def __init__(self, clients_per_round: float, seed: int):
+        self.clients_per_round = clients_per_round
+        self.rng = random.Random(seed)
+
+    def sample_size(self, num_available: int) -> int:
+        if isinstance(self.clients_per_round, float):
+            return max(1, int(round(self.clients_per_round * num_available)))
+        return min(int(self.clients_per_round), num_available)
+
+    def sample(self, node_ids: Iterable[int]) -> list[int]:
+        nodes = sorted(node_ids)  # sort: the seed alone decides, not arrival order
+        return sorted(self.rng.sample(nodes, self.sample_size(len(nodes))))
+
+
+class OfferedNodes:
+    """Stands in for the Grid inside a strategy's ``configure_*``: it offers only the sampled nodes.
+
+    Flower's strategies ask the grid for node ids and sample from them; with fraction 1.0
+    and no minimum, they take exactly these.
+    """
+
+    def __init__(self, node_ids: Sequence[int]):
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
