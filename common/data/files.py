@@ -7,6 +7,7 @@ column a numeric feature. NPZ: arrays ``x`` (n, features) and ``y`` (n,).
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -50,7 +51,9 @@ def _read_csv(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
             f"name the class column {LABEL_COLUMN!r}"
         )
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        with warnings.catch_warnings():  # an empty file is reported below, not as a warning
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
     except ValueError as error:
         raise DataFileError(f"{key} = {path!r}: not all values are numbers ({error})") from None
     if table.shape[0] == 0:

@@ -1,0 +1,1 @@
+"""Differential-privacy building blocks shared by the server and the clients."""
