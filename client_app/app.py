@@ -1,4 +1,5 @@
-"""The ClientApp: trains on this node's data and evaluates on its validation split.
+"""The ClientApp: trains on this node's data (privately, per the run's ``dp`` mode) and
+evaluates on its validation split.
 
 A client machine needs only ``common/`` and this package: no server code is imported.
 """
@@ -7,16 +8,30 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.privacy_store import PrivacyStore
 from client_app.training import train_locally
+from client_app.update_privacy import clip_for_server, local_ledger, local_noise_multiplier, randomize_locally
 from common.config import NodeConfig, RunConfig
 from common.data.client_data import load_client_data
 from common.evaluation import evaluate
 from common.models import build_model
-from common.protocol import RoundInstructions, eval_metrics, train_metrics
+from common.privacy.clipping import arrays_from_record
+from common.protocol import (
+    LOCAL_EPSILON,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    REFUSED,
+    SAMPLE_EPSILON,
+    TRAIN_LOSS,
+    UNCLIPPED,
+    RoundInstructions,
+    eval_metrics,
+)
 
 torch.set_num_threads(1)  # one CPU per simulated client; Flower runs clients side by side
 
@@ -33,21 +48,67 @@ def _prepare(msg: Message, context: Context):
     return config, node, instructions, data, model
 
 
+def _reply(msg: Message, arrays: ArrayRecord, metrics: dict, status: str = "") -> Message:
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    if status:
+        content["status"] = ConfigRecord({"reason": status})
+    return Message(content=content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, node, instructions, data, model = _prepare(msg, context)
     seed = zlib.crc32(f"{config.seed}|{instructions.server_round}|{node.partition_id}|{node.data_path}".encode())
     torch.manual_seed(seed)
-    train_loss = train_locally(
-        model, data.x_train, data.y_train, config, instructions.proximal_mu, seed
-    )
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": train_metrics(len(data.y_train), train_loss),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+    if config.dp == "dpsgd":
+        return _train_dpsgd(msg, context, config, node, data, model, seed)
+
+    global_arrays = arrays_from_record(msg.content["arrays"])
+    train_loss = train_locally(model, data.x_train, data.y_train, config, instructions.proximal_mu, seed)
+    new_arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    if config.dp == "none":
+        return _reply(msg, ArrayRecord(model.state_dict()), {NUM_EXAMPLES: len(data.y_train), TRAIN_LOSS: train_loss})
+    # DP modes: replies carry no statistics of the private data (no sizes, no losses).
+    if config.dp == "server":
+        return _reply(msg, ArrayRecord(model.state_dict()), {NUM_EXAMPLES: 1})
+    if config.dp == "client":
+        clipped, unclipped = clip_for_server(new_arrays, global_arrays, instructions.clipping_norm)
+        return _reply(msg, _record(clipped), {NUM_EXAMPLES: 1, UNCLIPPED: unclipped})
+    return _train_local_dp(msg, context, config, node, new_arrays, global_arrays, seed)
+
+
+def _record(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _train_local_dp(msg, context, config, node, new_arrays, global_arrays, seed) -> Message:
+    store = PrivacyStore(context, config, node)
+    saved = store.load()
+    z = saved["noise_multiplier"] if saved else local_noise_multiplier(config)
+    ledger = local_ledger(config, z, saved)
+    if config.max_epsilon and ledger.epsilon_if_step() > config.max_epsilon:
+        reason = (
+            f"privacy budget exhausted: local epsilon {ledger.epsilon():.3f}, another release would reach "
+            f"{ledger.epsilon_if_step():.3f} > max-epsilon {config.max_epsilon}"
+        )
+        return _reply(msg, msg.content["arrays"], {NUM_EXAMPLES: 1, REFUSED: 1, LOCAL_EPSILON: ledger.epsilon()}, reason)
+    noisy = randomize_locally(new_arrays, global_arrays, config, z, np.random.default_rng(seed))
+    ledger.step()
+    store.save({"updates": ledger.rounds, "noise_multiplier": z, "ledger": ledger.state_dict()})
+    return _reply(msg, _record(noisy), {NUM_EXAMPLES: 1, LOCAL_EPSILON: ledger.epsilon(), NOISE_MULTIPLIER: z})
+
+
+def _train_dpsgd(msg, context, config, node, data, model, seed) -> Message:
+    from client_app.dpsgd import train_dpsgd
+
+    store = PrivacyStore(context, config, node)
+    saved = store.load() or {"updates": 0, "history": []}
+    result, history = train_dpsgd(model, data.x_train, data.y_train, config, saved["history"], seed)
+    metrics = {NUM_EXAMPLES: 1, SAMPLE_EPSILON: result.epsilon, NOISE_MULTIPLIER: result.noise_multiplier}
+    if result.refused:
+        return _reply(msg, msg.content["arrays"], metrics | {REFUSED: 1}, result.refused)
+    store.save({"updates": saved["updates"] + 1, "history": history})
+    return _reply(msg, ArrayRecord(model.state_dict()), metrics)
 
 
 @app.evaluate()

@@ -16,7 +16,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from common.names import DATASETS, MODELS, OPTIMIZERS, PARTITIONERS, STRATEGIES
+from common.names import (
+    ACCOUNTANTS,
+    CLIPPING,
+    DATASETS,
+    DP_MODES,
+    LOCAL_MECHANISMS,
+    MEAN_BASED_STRATEGIES,
+    MODELS,
+    OPTIMIZERS,
+    PARTITIONERS,
+    SAMPLING,
+    STRATEGIES,
+)
 
 
 class ConfigError(ValueError):
@@ -124,6 +136,20 @@ class RunConfig:
     num_malicious_nodes: int = _key("num-malicious-nodes", 0, _non_negative, "krum, multikrum, bulyan")
     num_nodes_to_select: int = _key("num-nodes-to-select", 3, _positive_int, "multikrum")
     qfedavg_q: float = _key("qfedavg-q", 0.1, _non_negative, "qfedavg")
+    # Differential privacy (see common/privacy/ and the README's "Differential privacy").
+    dp: str = _key("dp", "none", _choice(DP_MODES), "privacy mode")
+    clipping: str = _key("clipping", "fixed", _choice(CLIPPING), "server/client: fixed or adaptive clip norm")
+    clipping_norm: float = _key("clipping-norm", 1.0, _range(0, INF, low_open=True), "L2 (L1 for laplace) bound")
+    noise_multiplier: float = _key("noise-multiplier", 1.0, _non_negative, "noise std / clipping norm")
+    sampling: str = _key("sampling", "fixed", _choice(SAMPLING), "how clients are sampled each round")
+    target_epsilon: float = _key("target-epsilon", 0.0, _non_negative, "0: use noise-multiplier as given")
+    target_delta: float = _key("target-delta", 1e-5, _range(0, 1, True, True))
+    max_epsilon: float = _key("max-epsilon", 0.0, _non_negative, "0: no budget stop")
+    accountant: str = _key("accountant", "rdp", _choice(ACCOUNTANTS), "server/client ledger")
+    adaptive_target_quantile: float = _key("adaptive-target-quantile", 0.5, _range(0, 1, True, True))
+    adaptive_clip_lr: float = _key("adaptive-clip-lr", 0.2, _range(0, INF, low_open=True))
+    adaptive_count_stddev: float = _key("adaptive-count-stddev", 0.0, _non_negative, "0: expected clients / 20")
+    local_mechanism: str = _key("local-mechanism", "gaussian", _choice(LOCAL_MECHANISMS), "local mode")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -148,6 +174,30 @@ class RunConfig:
         return config
 
     def _check_combinations(self) -> None:
+        if self.dp in ("server", "client") and self.strategy not in MEAN_BASED_STRATEGIES:
+            raise ConfigError(
+                f"strategy = {self.strategy!r} cannot be combined with dp = {self.dp!r}: user-level "
+                "DP-FedAvg calibrates its noise to the sensitivity of the MEAN of clipped updates, "
+                f"and {self.strategy} does not aggregate by the mean. Use dp = 'dpsgd' or 'local' "
+                f"with {self.strategy}, or one of {', '.join(MEAN_BASED_STRATEGIES)} with dp = {self.dp!r}"
+            )
+        if self.clipping == "adaptive" and self.dp not in ("server", "client"):
+            raise ConfigError(
+                f"clipping = 'adaptive' needs dp = 'server' or 'client' (got dp = {self.dp!r}); "
+                "use clipping = 'fixed' otherwise"
+            )
+        if self.dp == "none" and (self.target_epsilon or self.max_epsilon):
+            raise ConfigError(
+                f"target-epsilon = {self.target_epsilon!r} / max-epsilon = {self.max_epsilon!r} need a "
+                f"privacy mode; set dp to one of: {', '.join(DP_MODES[1:])}"
+            )
+        if self.local_mechanism == "laplace" and self.dp != "local":
+            raise ConfigError("local-mechanism = 'laplace' applies to dp = 'local' only")
+        if self.dp != "none" and self.noise_multiplier == 0 and not self.target_epsilon:
+            raise ConfigError(
+                f"dp = {self.dp!r} with noise-multiplier = 0.0 gives no privacy; set noise-multiplier > 0 "
+                "or target-epsilon > 0"
+            )
         if self.dataset == "file" and not self.central_data_path:
             raise ConfigError(
                 "dataset = 'file' needs central-data-path: the absolute path of the server's "

@@ -22,3 +22,14 @@ DATASETS = ("digits", "mnist1d", "file")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 MODELS = ("mlp", "cnn1d")
 OPTIMIZERS = ("sgd", "adam")
+DP_MODES = ("none", "server", "client", "dpsgd", "local")
+CLIPPING = ("fixed", "adaptive")
+SAMPLING = ("poisson", "fixed", "all")
+LOCAL_MECHANISMS = ("gaussian", "laplace")
+ACCOUNTANTS = ("rdp", "pld")
+
+# User-level DP-FedAvg bounds the sensitivity of the MEAN update. These strategies aggregate
+# by the (unweighted, fixed-denominator) mean and then take a server step, so the noisy mean
+# can be handed to them as post-processing. Robust aggregators (median, trimmed mean, Krum,
+# Bulyan) and q-FedAvg (loss-reweighted) have a different sensitivity.
+MEAN_BASED_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")

@@ -14,6 +14,11 @@ NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 TRAIN_LOSS = "train_loss"  # also the key QFedAvg reads
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_acc"
+UNCLIPPED = "unclipped"  # client-side clipping: 1 if the update was within the clip norm
+SAMPLE_EPSILON = "sample_epsilon"  # dpsgd: this client's cumulative sample-level epsilon
+LOCAL_EPSILON = "local_epsilon"  # local DP: this client's cumulative epsilon
+NOISE_MULTIPLIER = "noise_multiplier"  # dpsgd/local: the noise multiplier this client used
+REFUSED = "refused"  # 1 if the client refused to train (privacy budget exhausted)
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,7 @@ class RoundInstructions:
     num_features: int
     num_classes: int
     proximal_mu: float = 0.0
+    clipping_norm: float = 0.0  # client-side clipping: the norm to clip this round's update to
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -29,6 +35,7 @@ class RoundInstructions:
                 "server-round": self.server_round,
                 "num-features": self.num_features,
                 "num-classes": self.num_classes,
+                "clipping-norm": self.clipping_norm,
             }
         )
 
@@ -40,6 +47,7 @@ class RoundInstructions:
             num_features=int(record["num-features"]),
             num_classes=int(record["num-classes"]),
             proximal_mu=float(record.get("proximal-mu", 0.0)),
+            clipping_norm=float(record.get("clipping-norm", 0.0)),
         )
 
 

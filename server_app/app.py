@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -14,6 +13,7 @@ from common.data.client_data import central_test_set
 from common.evaluation import evaluate
 from common.models import build_model
 from server_app.federation import Federation
+from server_app.privacy import guarantee_sentence, plan_privacy, privacy_columns
 from server_app.results import RunRecorder
 from server_app.sampling import ClientSampler
 from server_app.strategies import build_strategy
@@ -31,6 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_run_config(context.run_config)
     output_dir = config.output_dir or default_output_dir()
     recorder = RunRecorder(output_dir, config.to_dict() | {"output-dir": output_dir})
+    print(f"Writing results to {output_dir}", flush=True)
 
     test_set = central_test_set(config)
     model = build_model(config.model, test_set.num_features, test_set.num_classes, seed=config.seed)
@@ -39,11 +40,12 @@ def main(grid: Grid, context: Context) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
         return evaluate(model, test_set.x, test_set.y)
 
-    federated_evaluation = config.fraction_evaluate > 0 and config.val_fraction > 0
+    # Per-client metrics are computed on private data: in DP modes they are not collected.
+    federated_evaluation = config.fraction_evaluate > 0 and config.val_fraction > 0 and config.dp == "none"
     federation = Federation(
         grid=grid,
         strategy=build_strategy(config, federated_evaluation),
-        sampler=ClientSampler(config.clients_per_round, config.seed),
+        privacy=None,
         eval_sampler=ClientSampler(config.fraction_evaluate, config.seed + 1),
         recorder=recorder,
         central_eval=central_eval,
@@ -51,14 +53,41 @@ def main(grid: Grid, context: Context) -> None:
         num_classes=test_set.num_classes,
         min_available_clients=config.min_available_clients,
         federated_evaluation=federated_evaluation,
+        max_epsilon=config.max_epsilon,
     )
-    print(f"Writing results to {output_dir}", flush=True)
-    final = federation.run(ArrayRecord(model.state_dict()), config.num_server_rounds)
+    num_clients = len(federation.wait_for_clients())
+    federation.privacy = plan_privacy(config, num_clients)
+    recorder.constant_columns = privacy_columns(config, federation.privacy)
+    final, stop_reason = federation.run(ArrayRecord(model.state_dict()), config.num_server_rounds)
+
+    last = recorder.rows[-1] if recorder.rows else {}
+    guarantee = guarantee_sentence(
+        config, federation.privacy, len(recorder.rows), last.get("epsilon"), last.get("sample_epsilon_max")
+    )
     summary = recorder.finish(
-        final.to_torch_state_dict(), time.monotonic() - started, {"strategy": config.strategy, "dataset": config.dataset}
+        final.to_torch_state_dict(),
+        time.monotonic() - started,
+        {
+            "strategy": config.strategy,
+            "dataset": config.dataset,
+            "dp": config.dp,
+            "epsilon": last.get("epsilon"),
+            "sample_epsilon_max": last.get("sample_epsilon_max"),
+            "delta": recorder.constant_columns["delta"],
+            "accountant": recorder.constant_columns["accountant"],
+            "sampling": recorder.constant_columns["sampling"],
+            "neighbouring_relation": recorder.constant_columns["neighbouring_relation"],
+            "noise_multiplier": last.get("noise_multiplier"),
+            "num_clients": num_clients,
+            "stop_reason": stop_reason,
+            "guarantee": guarantee,
+        },
     )
+    accuracy = summary["final_central_accuracy"]
     print(
-        f"Done: final central accuracy {summary['final_central_accuracy']:.4f} after {summary['rounds']} rounds "
+        f"Done ({stop_reason}): final central accuracy "
+        f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} after {summary['rounds']} rounds "
         f"in {summary['wall_seconds']:.1f}s. Results in {output_dir}",
         flush=True,
     )
+    print(f"Privacy: {guarantee}", flush=True)

@@ -1,24 +1,40 @@
-"""The round loop, driven by hand so each round can be sampled, checked and recorded.
+"""The round loop, driven by hand so each round can be sampled, privatised, checked and recorded.
 
 Flower's ``Strategy.start`` runs all rounds in one call; here the same strategy methods
 (``configure_train``/``aggregate_train``/``configure_evaluate``/``aggregate_evaluate``) are
-called round by round, with our seeded sampling, a failure check, central evaluation,
-a progress line and the results written after every round.
+called round by round, with our seeded sampling, the DP aggregation in front of the
+strategy's server step, the privacy ledger and budget stop, a failure check, central
+evaluation, a progress line and the results written after every round.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Callable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
+from flwr.common import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.protocol import EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS, RoundInstructions
+from common.privacy.clipping import arrays_from_record, record_from_arrays
+from common.protocol import (
+    EVAL_ACCURACY,
+    EVAL_LOSS,
+    LOCAL_EPSILON,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    REFUSED,
+    SAMPLE_EPSILON,
+    TRAIN_LOSS,
+    UNCLIPPED,
+    RoundInstructions,
+)
+from server_app.privacy import PrivacyPlan
 from server_app.progress import Progress
 from server_app.results import RunRecorder
 from server_app.sampling import ClientSampler, OfferedNodes
@@ -31,10 +47,32 @@ class RoundFailed(RuntimeError):
 
 
 @dataclass
+class PrivacyTally:
+    """Privacy figures gathered round by round (from the server's ledger or clients' reports)."""
+
+    sample_epsilon_max: float | None = None  # dpsgd: max cumulative sample-level epsilon reported
+    local_epsilon_max: float | None = None  # local: max cumulative local epsilon reported
+    reported_noise: float | None = None  # dpsgd/local: smallest noise multiplier a client used
+    clipping_norm: float | None = None  # server/client: the clip norm of the last round
+    num_clipped: int = 0
+    num_rejected: int = 0
+
+    def collect(self, usable: list[Message]) -> None:
+        for key, attr in ((SAMPLE_EPSILON, "sample_epsilon_max"), (LOCAL_EPSILON, "local_epsilon_max")):
+            values = [float(m.content["metrics"][key]) for m in usable if key in m.content["metrics"]]
+            previous = getattr(self, attr)
+            if values:
+                setattr(self, attr, max(values + ([previous] if previous is not None else [])))
+        noises = [float(m.content["metrics"][NOISE_MULTIPLIER]) for m in usable if NOISE_MULTIPLIER in m.content["metrics"]]
+        if noises:
+            self.reported_noise = min(noises)
+
+
+@dataclass
 class Federation:
     grid: Grid
     strategy: Strategy
-    sampler: ClientSampler
+    privacy: PrivacyPlan
     eval_sampler: ClientSampler
     recorder: RunRecorder
     central_eval: Callable[[ArrayRecord], tuple[float, float]]
@@ -42,6 +80,8 @@ class Federation:
     num_classes: int
     min_available_clients: int
     federated_evaluation: bool
+    max_epsilon: float = 0.0
+    tally: PrivacyTally = field(default_factory=PrivacyTally)
 
     def wait_for_clients(self) -> list[int]:
         while len(nodes := list(self.grid.get_node_ids())) < self.min_available_clients:
@@ -50,11 +90,22 @@ class Federation:
         return nodes
 
     def _instructions(self, server_round: int):
-        return RoundInstructions(server_round, self.num_features, self.num_classes).to_record()
+        dp = self.privacy.aggregator
+        clip = dp.clipping_norm if dp is not None else 0.0
+        return RoundInstructions(server_round, self.num_features, self.num_classes, clipping_norm=clip).to_record()
 
-    def run(self, arrays: ArrayRecord, num_rounds: int) -> ArrayRecord:
+    def run(self, arrays: ArrayRecord, num_rounds: int) -> tuple[ArrayRecord, str]:
+        """Train for ``num_rounds`` or until the budget stop; return the model and why it stopped."""
         progress = Progress(num_rounds)
         for server_round in range(1, num_rounds + 1):
+            ledger = self.privacy.ledger
+            if ledger is not None and self.max_epsilon and ledger.epsilon_if_step() > self.max_epsilon:
+                reason = (
+                    f"budget stop before round {server_round}: it would raise epsilon from "
+                    f"{ledger.epsilon():.3f} to {ledger.epsilon_if_step():.3f} > max-epsilon {self.max_epsilon}"
+                )
+                print(reason, flush=True)
+                return arrays, reason
             started = time.monotonic()
             arrays, row = self.train_round(server_round, arrays)
             if self.federated_evaluation:
@@ -62,9 +113,20 @@ class Federation:
             row["central_loss"], row["central_accuracy"] = self.central_eval(arrays)
             row["round"] = server_round
             row["seconds"] = round(time.monotonic() - started, 3)
-            self.recorder.add_round(row)
-            print(progress.line(server_round, row["central_accuracy"], row["central_loss"]), flush=True)
-        return arrays
+            self.recorder.add_round(row | self.privacy_fields())
+            print(progress.line(server_round, row["central_accuracy"], row["central_loss"], self.privacy_fields()), flush=True)
+        return arrays, f"completed {num_rounds} rounds"
+
+    def privacy_fields(self) -> dict:
+        """The per-round privacy columns (null where a figure does not apply)."""
+        ledger = self.privacy.ledger
+        tally = self.tally
+        return {
+            "epsilon": ledger.epsilon() if ledger is not None else tally.local_epsilon_max,
+            "sample_epsilon_max": tally.sample_epsilon_max,
+            "noise_multiplier": self.privacy.noise_multiplier if ledger is not None else tally.reported_noise,
+            "clipping_norm": tally.clipping_norm,
+        }
 
     def _exchange(self, messages) -> tuple[list[Message], list[Message]]:
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
@@ -73,23 +135,63 @@ class Federation:
             log(WARNING, "client %s failed: %s", message.metadata.src_node_id, message.error.reason)
         return replies, failures
 
+    def _refusals(self, replies: list[Message]) -> list[Message]:
+        refused = [m for m in replies if not m.has_error() and m.content["metrics"].get(REFUSED, 0)]
+        for message in refused:
+            reason = message.content["status"]["reason"] if "status" in message.content else "refused"
+            log(WARNING, "client %s refused to train: %s", message.metadata.src_node_id, reason)
+        return refused
+
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
-        chosen = self.sampler.sample(self.wait_for_clients())
+        chosen = self.privacy.sampler.sample(self.wait_for_clients())
         messages = list(
             self.strategy.configure_train(server_round, arrays, self._instructions(server_round), OfferedNodes(chosen))
         )
         replies, failures = self._exchange(messages)
-        new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if new_arrays is None:
-            reasons = "; ".join(sorted({m.error.reason for m in failures})) or "no replies"
+        refused = self._refusals(replies)
+        usable = [m for m in replies if not m.has_error() and m not in refused]
+        self.tally.collect(usable)
+        row = {
+            "train_loss": _mean_metric(usable, TRAIN_LOSS),
+            "num_replies": len(usable),
+            "num_failures": len(failures),
+            "num_refused": len(refused),
+        }
+        if self.privacy.aggregator is not None:
+            stepped = self._private_step(server_round, arrays, usable)
+            return stepped, row | {"num_clipped": self.tally.num_clipped, "num_rejected": self.tally.num_rejected}
+        if not usable:
+            reasons = "; ".join(sorted({m.error.reason for m in failures})) or (
+                "all refused (privacy budget exhausted)" if refused else "no clients sampled"
+            )
             raise RoundFailed(
                 f"round {server_round}: none of {len(messages)} sampled clients returned an update ({reasons})"
             )
-        return new_arrays, {
-            "train_loss": _metric(metrics, TRAIN_LOSS),
-            "num_replies": len(replies) - len(failures),
-            "num_failures": len(failures),
-        }
+        new_arrays, _ = self.strategy.aggregate_train(server_round, usable)
+        return new_arrays, row
+
+    def _private_step(self, server_round: int, arrays: ArrayRecord, usable: list[Message]) -> ArrayRecord:
+        """Noisy clipped mean first (DP), then the strategy's server step on it (post-processing)."""
+        dp = self.privacy.aggregator
+        bits = [int(m.content["metrics"].get(UNCLIPPED, 1)) for m in usable]
+        new_global, done = dp.aggregate(
+            arrays_from_record(arrays), [arrays_from_record(m.content["arrays"]) for m in usable], bits
+        )
+        self.privacy.ledger.step()
+        self.tally.clipping_norm, self.tally.num_clipped, self.tally.num_rejected = (
+            done.clipping_norm, done.num_clipped, done.num_rejected
+        )
+        if done.num_rejected:
+            log(WARNING, "round %d: %d update(s) exceeded the clip norm and were rejected", server_round, done.num_rejected)
+        noisy_reply = Message(
+            content=RecordDict(
+                {"arrays": record_from_arrays(new_global), "metrics": MetricRecord({NUM_EXAMPLES: 1})}
+            ),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
+        stepped, _ = self.strategy.aggregate_train(server_round, [noisy_reply])
+        return stepped
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> dict:
         chosen = self.eval_sampler.sample(self.wait_for_clients())
@@ -105,3 +207,14 @@ def _metric(record: MetricRecord | None, key: str) -> float | None:
     if record is None or key not in record:
         return None
     return float(record[key])
+
+
+def _mean_metric(replies: list[Message], key: str) -> float | None:
+    """Example-weighted mean of a client metric (None when no reply carries it)."""
+    pairs = [(float(m.content["metrics"][key]), float(m.content["metrics"][NUM_EXAMPLES]))
+             for m in replies if key in m.content["metrics"]]
+    total = sum(w for _, w in pairs)
+    if not pairs or total <= 0:
+        return None
+    value = sum(v * w for v, w in pairs) / total
+    return value if math.isfinite(value) else None

@@ -26,6 +26,14 @@ METRIC_COLUMNS = [
     "num_replies",
     "num_failures",
     "seconds",
+    "epsilon",
+    "sample_epsilon_max",
+    "delta",
+    "noise_multiplier",
+    "clipping_norm",
+    "accountant",
+    "sampling",
+    "neighbouring_relation",
 ]
 
 
@@ -54,6 +62,7 @@ class RunRecorder:
     def __init__(self, output_dir: str, config: dict[str, Any]):
         self.output_dir = output_dir
         self.rows: list[dict[str, Any]] = []
+        self.constant_columns: dict[str, Any] = {}  # the same in every row (e.g. delta, accountant)
         os.makedirs(output_dir, exist_ok=True)
         write_json(self.path("config.json"), config)
 
@@ -61,6 +70,7 @@ class RunRecorder:
         return os.path.join(self.output_dir, name)
 
     def add_round(self, row: dict[str, Any]) -> None:
+        row = row | self.constant_columns
         self.rows.append({key: _json_safe(row.get(key)) for key in METRIC_COLUMNS} | {
             key: _json_safe(value) for key, value in row.items() if key not in METRIC_COLUMNS
         })

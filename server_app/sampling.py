@@ -40,3 +40,26 @@ class OfferedNodes:
 
     def get_node_ids(self) -> list[int]:
         return list(self._node_ids)
+
+
+class PoissonSampler:
+    """Poisson sampling: every connected client takes part independently with rate q.
+
+    The round's size varies (it may be zero). This is the sampling the privacy accountant
+    assumes for amplification by sampling with the add/remove-one-client relation, so DP
+    runs with ``sampling = "poisson"`` must sample exactly like this, never a fixed count.
+    """
+
+    def __init__(self, sample_rate: float, seed: int):
+        self.sample_rate = sample_rate
+        self.rng = random.Random(seed)
+
+    def sample(self, node_ids: Iterable[int]) -> list[int]:
+        return [node for node in sorted(node_ids) if self.rng.random() < self.sample_rate]
+
+
+class EveryoneSampler:
+    """Every connected client, every round (no amplification by sampling)."""
+
+    def sample(self, node_ids: Iterable[int]) -> list[int]:
+        return sorted(node_ids)

@@ -1,0 +1,155 @@
+"""The server's side of differential privacy: sampling, noise calibration and the ledger.
+
+Built once, when the clients are connected (the population size N enters the accounting):
+
+* ``none``: no privacy; fixed-size sampling of ``clients-per-round``.
+* ``server`` / ``client``: user-level DP-FedAvg (:mod:`server_app.user_level_dp`), accounted
+  by :class:`common.privacy.accounting.UserLevelLedger` with the sampling the server really
+  does (``sampling``: Poisson with rate q = m/N, fixed m of N, or all N every round).
+* ``dpsgd`` / ``local``: the clients privatise their own updates and keep their own ledgers;
+  the server collects the epsilons they report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from logging import INFO
+
+from flwr.common.logger import log
+
+from common.config import RunConfig
+from common.privacy.accounting import UserLevelLedger
+from common.privacy.adaptive_clipping import AdaptiveClipping
+from common.privacy.calibration import solve_noise_multiplier
+from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler
+from server_app.user_level_dp import UserLevelDP
+
+
+@dataclass
+class PrivacyPlan:
+    sampler: object
+    expected_clients: float
+    noise_multiplier: float | None = None
+    ledger: UserLevelLedger | None = None
+    aggregator: UserLevelDP | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def expected_clients_per_round(config: RunConfig, num_clients: int) -> int:
+    if config.sampling == "all" and config.dp in ("server", "client"):
+        return num_clients
+    return ClientSampler(config.clients_per_round, 0).sample_size(num_clients)
+
+
+def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
+    """Choose sampling, solve or take the noise multiplier, and open the ledger."""
+    m = expected_clients_per_round(config, num_clients)
+    if config.dp not in ("server", "client"):
+        # Client-side mechanisms: the server's sampling adds no guarantee of its own.
+        sampler = EveryoneSampler() if config.sampling == "all" else ClientSampler(config.clients_per_round, config.seed)
+        return PrivacyPlan(sampler, m)
+
+    if config.sampling == "poisson":
+        sampler = PoissonSampler(m / num_clients, config.seed)
+    elif config.sampling == "fixed":
+        sampler = ClientSampler(m, config.seed)
+    else:
+        sampler = EveryoneSampler()
+
+    z = config.noise_multiplier
+    if config.target_epsilon:
+        z = solve_noise_multiplier(
+            config.target_epsilon,
+            config.target_delta,
+            config.num_server_rounds,
+            config.sampling,
+            num_clients,
+            m,
+            config.accountant,
+        )
+        log(
+            INFO,
+            "Calibrated noise multiplier z = %.4f for epsilon <= %.3f (delta %g) after %d rounds "
+            "(%s sampling, %d of %d clients, %s accountant)",
+            z, config.target_epsilon, config.target_delta, config.num_server_rounds,
+            config.sampling, m, num_clients, config.accountant,
+        )
+    adaptive = None
+    if config.clipping == "adaptive":
+        adaptive = AdaptiveClipping(
+            initial_clipping_norm=config.clipping_norm,
+            target_unclipped_quantile=config.adaptive_target_quantile,
+            learning_rate=config.adaptive_clip_lr,
+            count_noise_std=config.adaptive_count_stddev or None,
+        )
+    aggregator = UserLevelDP(
+        noise_multiplier=z,
+        clipping_norm=config.clipping_norm,
+        expected_clients=m,
+        clip_on_server=config.dp == "server",
+        seed=config.seed + 2,
+        adaptive=adaptive,
+    )
+    ledger = UserLevelLedger(z, config.sampling, num_clients, m, config.target_delta, config.accountant)
+    return PrivacyPlan(sampler, m, z, ledger, aggregator)
+
+
+def guarantee_sentence(config: RunConfig, plan: PrivacyPlan, rounds: int, epsilon: float | None,
+                       sample_epsilon: float | None) -> str:
+    """One sentence a reader can quote: what is protected, how strongly, under which assumptions."""
+    if config.dp == "none":
+        return "No differential privacy: dp = 'none'."
+    if config.dp in ("server", "client"):
+        described = plan.ledger.describe()
+        clip = "adaptive" if config.clipping == "adaptive" else f"fixed at {config.clipping_norm}"
+        where = "the server" if config.dp == "server" else "each client"
+        return (
+            f"The released global models of all {rounds} rounds satisfy ({epsilon:.3f}, {config.target_delta:g})-DP "
+            f"at the user level (neighbouring datasets differ in all data of one client, "
+            f"{described['neighbouring_relation']}), by the Gaussian mechanism on updates clipped by {where} "
+            f"(L2 norm {clip}) with noise multiplier {plan.noise_multiplier:.4f} over a fixed denominator of "
+            f"{plan.expected_clients} clients, {config.sampling} sampling of clients (rate {described['sample_rate']:.4g}), "
+            f"accounted with dp-accounting's {config.accountant.upper()} accountant; per-client metrics are not released."
+        )
+    if config.dp == "dpsgd":
+        eps = "n/a" if sample_epsilon is None else f"{sample_epsilon:.3f}"
+        return (
+            f"Each client's model updates over all rounds it trained in satisfy ({eps}, {config.target_delta:g})-DP "
+            f"at the sample level (one example added or removed from that client's data; the maximum over clients), "
+            f"by DP-SGD with Poisson-sampled batches and per-example clipping at {config.clipping_norm}, "
+            f"accounted with Opacus's RDP accountant across rounds; local dataset sizes are treated as public."
+        )
+    eps = "n/a" if epsilon is None else f"{epsilon:.3f}"
+    return (
+        f"Each client's released updates over all rounds it took part in satisfy ({eps}, {config.target_delta:g})-local DP "
+        f"(any two updates of that client are neighbours; the maximum over clients), by the {config.local_mechanism} "
+        f"mechanism each client applies itself after clipping to {config.clipping_norm}, composed over rounds "
+        f"with dp-accounting; no one else needs to be trusted."
+    )
+
+
+def privacy_columns(config: RunConfig, plan: PrivacyPlan) -> dict:
+    """The columns that are the same in every round's row: what the epsilon means."""
+    if config.dp == "none":
+        return {"delta": None, "accountant": None, "sampling": config.sampling, "neighbouring_relation": None}
+    if plan.ledger is not None:
+        described = plan.ledger.describe()
+        return {
+            "delta": config.target_delta,
+            "accountant": f"dp-accounting {described['accountant']}",
+            "sampling": config.sampling,
+            "neighbouring_relation": f"user-level, {described['neighbouring_relation']}",
+        }
+    if config.dp == "dpsgd":
+        return {
+            "delta": config.target_delta,
+            "accountant": "opacus rdp (per client, cumulative)",
+            "sampling": "poisson (examples within each client)",
+            "neighbouring_relation": "sample-level, add/remove one example",
+        }
+    return {
+        "delta": config.target_delta,
+        "accountant": f"dp-accounting {'rdp' if config.local_mechanism == 'gaussian' else 'pld'} (per client)",
+        "sampling": "none (local randomizer)",
+        "neighbouring_relation": "local, any two updates of one client",
+    }

@@ -1,0 +1,114 @@
+"""User-level DP-FedAvg aggregation, placed BEFORE the strategy's server step.
+
+Mechanism (McMahan et al., ICLR 2018, "Learning differentially private recurrent language
+models"; the Gaussian sum query of Andrew et al. 2021 for adaptive clipping):
+
+* every sampled client's update delta_i = w_i - w_global is clipped to L2 norm C (by the
+  server in ``dp = "server"``, by the client itself in ``dp = "client"``, where the server
+  checks the bound and rejects replies that break it);
+* the clipped deltas are summed and divided by a FIXED denominator m, the expected number of
+  sampled clients (never the number of replies, never example weights), so adding or
+  removing one client changes the mean by at most C/m;
+* Gaussian noise N(0, (z*C/m)^2) is added to every coordinate of that mean.
+
+Neighbouring relation: datasets differing in ALL the data of one client (user-level), with
+add/remove-one for Poisson sampling and "all", replace-one for fixed-size sampling.
+
+The noisy mean update is then handed to the strategy as the single "reply" it aggregates, so
+FedAvg/FedProx apply it as is and FedAvgM/FedAdam/FedYogi/FedAdagrad run their optimizer on
+it: post-processing, which cannot weaken the guarantee. (Flower's own DP wrappers noise the
+strategy's OUTPUT instead: an example-weighted mean, after the optimizer; see
+tests/test_flower_dp_audit.py.)
+
+With adaptive clipping the clipped-count query of Andrew et al. (2021) also touches the
+data; the update noise then uses the larger effective multiplier z_delta so that the pair
+costs what the ledger is told (z). See common/privacy/adaptive_clipping.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.privacy.adaptive_clipping import AdaptiveClipping, effective_noise_multiplier
+from common.privacy.clipping import (
+    Arrays,
+    apply_delta,
+    clip_update,
+    fixed_denominator_mean,
+    gaussian_noise_like,
+    model_delta,
+    update_norm,
+)
+
+# Client-side clipping is checked with this slack for float32 round-off.
+CLIP_TOLERANCE = 1e-4
+
+
+@dataclass
+class RoundPrivacy:
+    """What one DP aggregation did, for the metrics row."""
+
+    clipping_norm: float
+    noise_std: float
+    num_clipped: int
+    num_rejected: int
+
+
+class UserLevelDP:
+    def __init__(
+        self,
+        noise_multiplier: float,
+        clipping_norm: float,
+        expected_clients: float,
+        clip_on_server: bool,
+        seed: int,
+        adaptive: AdaptiveClipping | None = None,
+    ):
+        self.noise_multiplier = noise_multiplier
+        self.fixed_clipping_norm = clipping_norm
+        self.expected_clients = expected_clients
+        self.clip_on_server = clip_on_server
+        self.adaptive = adaptive
+        self.rng = np.random.default_rng(seed)
+        # Noise multiplier actually applied to the update sum (z_delta >= z with adaptive clipping).
+        self.update_noise_multiplier = noise_multiplier
+        if adaptive is not None:
+            sigma_b = adaptive.count_noise_std_for(expected_clients)
+            self.update_noise_multiplier = effective_noise_multiplier(noise_multiplier, sigma_b)
+
+    @property
+    def clipping_norm(self) -> float:
+        return self.adaptive.clipping_norm if self.adaptive else self.fixed_clipping_norm
+
+    def aggregate(
+        self, global_arrays: Arrays, client_arrays: list[Arrays], client_bits: list[int] | None = None
+    ) -> tuple[Arrays, RoundPrivacy]:
+        """Return the new global arrays (global + noisy clipped mean delta) and what was done.
+
+        ``client_bits`` (client mode with adaptive clipping): each client's own report of
+        whether its update was unclipped.
+        """
+        clip = self.clipping_norm
+        clipped, bits, rejected = [], [], 0
+        for i, arrays in enumerate(client_arrays):
+            delta = model_delta(arrays, global_arrays)
+            if self.clip_on_server:
+                delta, _, bit = clip_update(delta, clip)
+            elif update_norm(delta) > clip * (1 + CLIP_TOLERANCE):
+                rejected += 1  # a client that did not clip: its update is not used
+                continue
+            else:
+                bit = int(client_bits[i]) if client_bits is not None else 1
+            clipped.append(delta)
+            bits.append(bit)
+        std = self.update_noise_multiplier * clip / self.expected_clients
+        if clipped:
+            mean = fixed_denominator_mean(clipped, self.expected_clients)
+        else:  # an empty Poisson round still releases noise: zero sum + noise
+            mean = {k: np.zeros_like(v, dtype=np.float64) for k, v in global_arrays.items()}
+        noisy = {k: v + n for (k, v), n in zip(mean.items(), gaussian_noise_like(mean, std, self.rng).values())}
+        if self.adaptive is not None:
+            self.adaptive.update(bits, self.expected_clients, self.rng)
+        return apply_delta(global_arrays, noisy), RoundPrivacy(clip, std, len(bits) - sum(bits), rejected)
