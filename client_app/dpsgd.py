@@ -25,6 +25,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client_app.training import make_optimizer
+
+# Opacus's hooks fire on the first layer, whose input needs no gradient: harmless, and noisy.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 from common.config import RunConfig
 
 
@@ -92,10 +95,10 @@ def train_dpsgd(model: nn.Module, x: np.ndarray, y: np.ndarray, config: RunConfi
         shuffle=True,
         generator=generator,
     )
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    engine.accountant = _accountant(history)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # opacus warns about secure RNG and full backward hooks
+        warnings.simplefilter("ignore")  # opacus warns that secure_mode (a CSPRNG) is off
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+        engine.accountant = _accountant(history)
         private_model, optimizer, private_loader = engine.make_private(
             module=model,
             optimizer=make_optimizer(model, config),

@@ -51,9 +51,5 @@ class RoundInstructions:
         )
 
 
-def train_metrics(num_examples: int, train_loss: float) -> MetricRecord:
-    return MetricRecord({NUM_EXAMPLES: num_examples, TRAIN_LOSS: train_loss})
-
-
 def eval_metrics(num_examples: int, loss: float, accuracy: float) -> MetricRecord:
     return MetricRecord({NUM_EXAMPLES: num_examples, EVAL_LOSS: loss, EVAL_ACCURACY: accuracy})

@@ -98,28 +98,62 @@ class RunRecorder:
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
         atomic_write(self.path("model.pt"), buffer.getvalue())
-        self.plot_accuracy()
+        if self.rows:
+            self.plot_accuracy()
+            if any(r["epsilon"] is not None or r["sample_epsilon_max"] is not None for r in self.rows):
+                self.plot_privacy()
         write_json(self.path("summary.json"), summary)
         return summary
 
     def plot_accuracy(self) -> None:
+        rounds = [r["round"] for r in self.rows]
+        with _figure(self.path("accuracy.png")) as ax:
+            for key, label in (("central_accuracy", "central (held-out)"), ("federated_accuracy", "federated (clients' val)")):
+                ax.plot(rounds, [_nan(r[key]) for r in self.rows], marker="o", label=label)
+            ax.set_xlabel("round")
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(0, 1)
+            ax.legend()
+
+    def plot_privacy(self) -> None:
+        """Epsilon spent so far (left axis) and central accuracy (right axis) against rounds."""
+        key = "epsilon" if any(r["epsilon"] is not None for r in self.rows) else "sample_epsilon_max"
+        rounds = [r["round"] for r in self.rows]
+        with _figure(self.path("privacy.png")) as ax:
+            ax.plot(rounds, [_nan(r[key]) for r in self.rows], marker="o", color="tab:red", label=key)
+            ax.set_xlabel("round")
+            ax.set_ylabel(f"{key} (delta {self.rows[0]['delta']})", color="tab:red")
+            right = ax.twinx()
+            right.plot(rounds, [_nan(r["central_accuracy"]) for r in self.rows], marker="s", label="central accuracy")
+            right.set_ylabel("central accuracy")
+            right.set_ylim(0, 1)
+
+
+def _nan(value: Any) -> float:
+    return float("nan") if value is None else value
+
+
+class _figure:
+    """A matplotlib figure (Agg, no display) saved atomically to ``path`` on exit."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        rounds = [r["round"] for r in self.rows]
-        for key, label in (("central_accuracy", "central (held-out)"), ("federated_accuracy", "federated (clients' val)")):
-            values = [r[key] if r[key] is not None else float("nan") for r in self.rows]
-            ax.plot(rounds, values, marker="o", label=label)
-        ax.set_xlabel("round")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1)
+        self.plt = plt
+        self.fig, ax = plt.subplots(figsize=(6, 4))
         ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = self.path("accuracy.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.path("accuracy.png"))
+        return ax
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.fig.tight_layout()
+            tmp = self.path[:-4] + ".tmp.png"
+            self.fig.savefig(tmp, dpi=100)
+            os.replace(tmp, self.path)
+        self.plt.close(self.fig)

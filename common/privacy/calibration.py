@@ -1,9 +1,12 @@
 """Solve for the noise multiplier that meets a target epsilon after the planned rounds.
 
+User level (DP-FedAvg), local DP, and sample level (DP-SGD, via Opacus).
+
 Why: users think in budgets ("epsilon 4 at delta 1e-5 over 100 rounds"), the mechanism needs
 z. Calibration must use the SAME accountant, sampling model and neighbouring relation as the
 ledger that later reports the spent budget, otherwise the run ends over (or far under) budget.
-So the user-level solver evaluates ``UserLevelLedger`` itself; nothing here re-derives epsilon.
+So the solvers evaluate the ledgers themselves (``UserLevelLedger``, ``LocalDpLedger``); nothing
+here re-derives epsilon.
 
 Epsilon is non-increasing in z for every event used here (more noise never costs more), so
 bisection on z is sound. The result z satisfies eps(z) <= target and, by default,
@@ -14,9 +17,11 @@ returns the smallest z it found that meets the target, still <= target).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from common.privacy.accounting import UserLevelLedger, check_sampling
 from common.privacy.composition import check_accountant, check_delta
+from common.privacy.local_dp import MECHANISMS, LocalDpLedger
 
 _Z_MIN = 1e-3
 _Z_MAX = 1e4
@@ -65,6 +70,51 @@ def solve_noise_multiplier(
         ledger.step(count=rounds)
         return ledger.epsilon()
 
+    return _bisect_noise_multiplier(
+        eps, target, rel_tol, f"after {rounds} rounds; raise the target, delta or the number of "
+        f"clients, or plan fewer rounds"
+    )
+
+
+def solve_local_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    mechanism: str,
+    accountant: str | None = None,
+    rel_tol: float = 0.01,
+) -> float:
+    """Smallest local-DP z (to ``rel_tol``) whose epsilon after ``rounds`` releases is <= target.
+
+    Accounting is exactly ``LocalDpLedger(mechanism, z, delta, accountant)`` stepped ``rounds``
+    times (see local_dp.py: sensitivity 2C, no sampling; default accountant RDP for Gaussian,
+    PLD for Laplace). The client then adds std/scale z*C (``gaussian_noise_std`` /
+    ``laplace_noise_scale``). ``rounds`` is the most releases the client will make.
+    """
+    target = _check_positive("target_epsilon", target_epsilon)
+    delta = check_delta(delta)
+    rounds = _check_count("rounds", rounds)
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+    if accountant is not None:
+        check_accountant(accountant)
+    if not (0.0 < rel_tol < 1.0):
+        raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
+
+    def eps(z: float) -> float:
+        ledger = LocalDpLedger(mechanism, z, delta, accountant)
+        ledger.step(count=rounds)
+        return ledger.epsilon()
+
+    return _bisect_noise_multiplier(
+        eps, target, rel_tol, f"after {rounds} local releases; raise the target or plan fewer rounds"
+    )
+
+
+def _bisect_noise_multiplier(
+    eps: Callable[[float], float], target: float, rel_tol: float, unreachable_hint: str
+) -> float:
+    """Return z with (1 - rel_tol) * target <= eps(z) <= target, for eps non-increasing in z."""
     # Bracket: eps(lo) > target >= eps(hi), by doubling / halving from z = 1.
     z = 1.0
     e = eps(z)
@@ -92,8 +142,7 @@ def solve_noise_multiplier(
             if hi > _Z_MAX:
                 raise ValueError(
                     f"target_epsilon={target} is unreachable: noise_multiplier up to {_Z_MAX:g} "
-                    f"still gives epsilon {e_hi:.4g} after {rounds} rounds; raise the target, "
-                    f"delta or the number of clients, or plan fewer rounds"
+                    f"still gives epsilon {e_hi:.4g} {unreachable_hint}"
                 )
             e_hi = eps(hi)
 
