@@ -191,6 +191,11 @@ class RunConfig:
                 f"target-epsilon = {self.target_epsilon!r} / max-epsilon = {self.max_epsilon!r} need a "
                 f"privacy mode; set dp to one of: {', '.join(DP_MODES[1:])}"
             )
+        if self.accountant == "pld" and self.sampling == "fixed" and self.dp in ("server", "client"):
+            raise ConfigError(
+                "accountant = 'pld' cannot account sampling = 'fixed' (dp-accounting's PLD has no "
+                "fixed-size sampling event); use accountant = 'rdp' or sampling = 'poisson' or 'all'"
+            )
         if self.local_mechanism == "laplace" and self.dp != "local":
             raise ConfigError("local-mechanism = 'laplace' applies to dp = 'local' only")
         if self.dp != "none" and self.noise_multiplier == 0 and not self.target_epsilon:

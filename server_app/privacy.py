@@ -17,7 +17,7 @@ from logging import INFO
 
 from flwr.common.logger import log
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.privacy.accounting import UserLevelLedger
 from common.privacy.adaptive_clipping import AdaptiveClipping
 from common.privacy.calibration import solve_noise_multiplier
@@ -81,6 +81,13 @@ def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
             target_unclipped_quantile=config.adaptive_target_quantile,
             learning_rate=config.adaptive_clip_lr,
             count_noise_std=config.adaptive_count_stddev or None,
+        )
+    if adaptive is not None and z >= 2 * adaptive.count_noise_std_for(m):
+        raise ConfigError(
+            f"noise-multiplier = {z:.4g} is too large for adaptive clipping with {m} clients per round: "
+            f"it must stay below 2 * adaptive-count-stddev = {2 * adaptive.count_noise_std_for(m):.4g} "
+            f"(the default stddev is clients per round / 20). Raise adaptive-count-stddev, sample more "
+            "clients per round, lower the noise, or use clipping = 'fixed'"
         )
     aggregator = UserLevelDP(
         noise_multiplier=z,

@@ -18,11 +18,8 @@ from dp_accounting import dp_event
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from common.privacy.accounting import (
-    UserLevelLedger,
-    combined_noise_multiplier,
-    effective_noise_multiplier,
-)
+from common.privacy.accounting import UserLevelLedger
+from common.privacy.adaptive_clipping import effective_noise_multiplier
 from common.privacy.calibration import (
     sample_level_noise_multiplier,
     solve_local_noise_multiplier,
@@ -266,10 +263,11 @@ def test_effective_noise_multiplier_formula_and_error():
     z_delta = effective_noise_multiplier(z, sigma_b)
     assert z_delta == pytest.approx((1.0 - 1.0 / 100.0) ** -0.5)
     assert z_delta > z
-    assert combined_noise_multiplier(z_delta, sigma_b) == pytest.approx(z)
-    with pytest.raises(ValueError, match=r"noise_multiplier=1\.0 .*2 \* count_stddev = 1\.0.*count_stddev=0\.5"):
+    # The pair (update sum with z_delta, count with 2*sigma_b) composes back to z.
+    assert (z_delta**-2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(z)
+    with pytest.raises(ValueError, match=r"noise multiplier 1\.0 needs count noise std > 0\.5 \(got 0\.5\)"):
         effective_noise_multiplier(1.0, 0.5)  # m = 10 -> sigma_b = 0.5: z must be < 1
-    with pytest.raises(ValueError, match="count_stddev"):
+    with pytest.raises(ValueError, match="count noise std"):
         effective_noise_multiplier(1.0, 0.0)
     assert effective_noise_multiplier(0.0, 1.0) == 0.0
 

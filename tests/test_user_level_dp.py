@@ -119,3 +119,11 @@ def test_target_epsilon_is_met_by_the_planned_rounds():
     for _ in range(20):
         plan.ledger.step()
     assert 0.95 * 3.0 <= plan.ledger.epsilon() <= 3.0
+
+
+def test_pld_with_fixed_sampling_and_too_much_noise_for_adaptive_are_refused_up_front():
+    with pytest.raises(ConfigError, match="accountant = 'pld' cannot account sampling = 'fixed'"):
+        RunConfig.from_run_config({"dp": "server", "sampling": "fixed", "accountant": "pld"})
+    config = RunConfig.from_run_config({"dp": "server", "clipping": "adaptive", "noise-multiplier": 1.0})
+    with pytest.raises(ConfigError, match="noise-multiplier = 1 is too large for adaptive clipping with 10 clients"):
+        plan_privacy(config, num_clients=10)
