@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.attacks import attack_update, is_malicious
 from client_app.privacy_store import PrivacyStore
 from client_app.training import train_locally
 from client_app.update_privacy import clip_for_server, local_ledger, local_noise_multiplier, randomize_locally
@@ -60,6 +61,15 @@ def train(msg: Message, context: Context) -> Message:
     config, node, instructions, data, model = _prepare(msg, context)
     seed = zlib.crc32(f"{config.seed}|{instructions.server_round}|{node.partition_id}|{node.data_path}".encode())
     torch.manual_seed(seed)
+    reply = _train(msg, context, config, node, instructions, data, model, seed)
+    if is_malicious(config, node):
+        honest = arrays_from_record(reply.content["arrays"])
+        bad = attack_update(honest, arrays_from_record(msg.content["arrays"]), config, np.random.default_rng(seed))
+        reply.content["arrays"] = _record(bad)
+    return reply
+
+
+def _train(msg, context, config, node, instructions, data, model, seed) -> Message:
     if config.dp == "dpsgd":
         return _train_dpsgd(msg, context, config, node, data, model, seed)
 

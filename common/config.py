@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 from common.names import (
     ACCOUNTANTS,
+    ATTACKS,
     CLIPPING,
     DATASETS,
     DP_MODES,
@@ -150,6 +151,12 @@ class RunConfig:
     adaptive_clip_lr: float = _key("adaptive-clip-lr", 0.2, _range(0, INF, low_open=True))
     adaptive_count_stddev: float = _key("adaptive-count-stddev", 0.0, _non_negative, "0: expected clients / 20")
     local_mechanism: str = _key("local-mechanism", "gaussian", _choice(LOCAL_MECHANISMS), "local mode")
+    # Reliability (see server_app/checkpoint.py and client_app/attacks.py).
+    resume: bool = _key("resume", False, None, "continue the run checkpointed in output-dir")
+    wait_timeout: float = _key("wait-timeout", 300.0, _non_negative, "seconds to wait for clients; 0 = forever")
+    attack: str = _key("attack", "none", _choice(ATTACKS), "simulated Byzantine clients' attack")
+    malicious_clients: int = _key("malicious-clients", 0, _non_negative, "how many simulated clients attack")
+    attack_scale: float = _key("attack-scale", 10.0, _range(0, INF, low_open=True), "attack magnitude")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -203,6 +210,10 @@ class RunConfig:
                 f"dp = {self.dp!r} with noise-multiplier = 0.0 gives no privacy; set noise-multiplier > 0 "
                 "or target-epsilon > 0"
             )
+        if self.resume and not self.output_dir:
+            raise ConfigError("resume = true needs output-dir: the absolute path of the run to continue")
+        if self.attack != "none" and self.malicious_clients == 0:
+            raise ConfigError(f"attack = {self.attack!r} needs malicious-clients >= 1")
         if self.dataset == "file" and not self.central_data_path:
             raise ConfigError(
                 "dataset = 'file' needs central-data-path: the absolute path of the server's "
@@ -231,7 +242,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def _type_name(default: Any) -> str:
-    return {int: "whole number", float: "number", str: "string", bool: "boolean"}[type(default)]
+    return {int: "whole number", float: "number", str: "string", bool: "boolean (true or false)"}[type(default)]
 
 
 @dataclass(frozen=True)

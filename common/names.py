@@ -33,3 +33,4 @@ ACCOUNTANTS = ("rdp", "pld")
 # can be handed to them as post-processing. Robust aggregators (median, trimmed mean, Krum,
 # Bulyan) and q-FedAvg (loss-reweighted) have a different sensitivity.
 MEAN_BASED_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+ATTACKS = ("none", "sign-flip", "scale", "noise")

@@ -12,7 +12,8 @@ from common.config import RunConfig
 from common.data.client_data import central_test_set
 from common.evaluation import evaluate
 from common.models import build_model
-from server_app.federation import Federation
+from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server_app.federation import Federation, WaitTimeout
 from server_app.privacy import guarantee_sentence, plan_privacy, privacy_columns
 from server_app.results import RunRecorder
 from server_app.sampling import ClientSampler
@@ -54,40 +55,64 @@ def main(grid: Grid, context: Context) -> None:
         min_available_clients=config.min_available_clients,
         federated_evaluation=federated_evaluation,
         max_epsilon=config.max_epsilon,
+        wait_timeout=config.wait_timeout,
     )
-    num_clients = len(federation.wait_for_clients())
-    federation.privacy = plan_privacy(config, num_clients)
-    recorder.constant_columns = privacy_columns(config, federation.privacy)
-    final, stop_reason = federation.run(ArrayRecord(model.state_dict()), config.num_server_rounds)
+    arrays, first_round, elapsed_before = ArrayRecord(model.state_dict()), 1, 0.0
+    if config.resume:
+        checkpoint = load_checkpoint(output_dir, config.to_dict())
+        federation.restore(checkpoint.federation_state)
+        recorder.restore(checkpoint.rows)
+        arrays, first_round = checkpoint.arrays, checkpoint.completed_rounds + 1
+        elapsed_before = checkpoint.elapsed_seconds
+        num_clients = checkpoint.federation_state["num_clients"]
+        print(f"Resuming after round {checkpoint.completed_rounds} from {output_dir}", flush=True)
+    else:
+        try:
+            num_clients = len(federation.wait_for_clients())
+        except WaitTimeout as timeout:
+            stop_reason = f"stopped before round 1: {timeout}"
+            print(stop_reason, flush=True)
+            _finish(config, recorder, None, arrays, elapsed_before + time.monotonic() - started, 0, stop_reason)
+            return
+        federation.privacy = plan_privacy(config, num_clients)
 
+    def save(completed_round: int, current: ArrayRecord) -> None:
+        state = federation.state() | {"num_clients": num_clients}
+        elapsed = elapsed_before + time.monotonic() - started
+        save_checkpoint(output_dir, Checkpoint(completed_round, current, state, recorder.rows, config.to_dict(), elapsed))
+
+    recorder.constant_columns = privacy_columns(config, federation.privacy)
+    federation.on_round_end = save
+    final, stop_reason = federation.run(arrays, config.num_server_rounds, first_round)
+    _finish(config, recorder, federation.privacy, final, elapsed_before + time.monotonic() - started, num_clients, stop_reason)
+
+
+def _finish(config: RunConfig, recorder: RunRecorder, plan, final: ArrayRecord, wall_seconds: float,
+            num_clients: int, stop_reason: str) -> None:
+    """Write the summary, the final model and the plots; say where they are and what they guarantee."""
     last = recorder.rows[-1] if recorder.rows else {}
-    guarantee = guarantee_sentence(
-        config, federation.privacy, len(recorder.rows), last.get("epsilon"), last.get("sample_epsilon_max")
-    )
+    columns = privacy_columns(config, plan)
+    guarantee = guarantee_sentence(config, plan, len(recorder.rows), last.get("epsilon"), last.get("sample_epsilon_max"))
     summary = recorder.finish(
         final.to_torch_state_dict(),
-        time.monotonic() - started,
+        wall_seconds,
         {
             "strategy": config.strategy,
             "dataset": config.dataset,
             "dp": config.dp,
             "epsilon": last.get("epsilon"),
             "sample_epsilon_max": last.get("sample_epsilon_max"),
-            "delta": recorder.constant_columns["delta"],
-            "accountant": recorder.constant_columns["accountant"],
-            "sampling": recorder.constant_columns["sampling"],
-            "neighbouring_relation": recorder.constant_columns["neighbouring_relation"],
             "noise_multiplier": last.get("noise_multiplier"),
             "num_clients": num_clients,
             "stop_reason": stop_reason,
             "guarantee": guarantee,
-        },
+        } | columns,
     )
     accuracy = summary["final_central_accuracy"]
     print(
         f"Done ({stop_reason}): final central accuracy "
         f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} after {summary['rounds']} rounds "
-        f"in {summary['wall_seconds']:.1f}s. Results in {output_dir}",
+        f"in {summary['wall_seconds']:.1f}s. Results in {recorder.output_dir}",
         flush=True,
     )
     print(f"Privacy: {guarantee}", flush=True)

@@ -38,12 +38,17 @@ from server_app.privacy import PrivacyPlan
 from server_app.progress import Progress
 from server_app.results import RunRecorder
 from server_app.sampling import ClientSampler, OfferedNodes
+from server_app.update_validation import reply_problem
 
 REPLY_TIMEOUT = 3600.0
 
 
 class RoundFailed(RuntimeError):
     """No client produced a usable update in a round: training cannot go on."""
+
+
+class WaitTimeout(RuntimeError):
+    """Too few clients stayed connected for longer than ``wait-timeout``."""
 
 
 @dataclass
@@ -81,23 +86,41 @@ class Federation:
     min_available_clients: int
     federated_evaluation: bool
     max_epsilon: float = 0.0
+    wait_timeout: float = 0.0  # seconds; 0 waits forever (Flower's own behaviour)
+    on_round_end: Callable[[int, ArrayRecord], None] | None = None  # e.g. save a checkpoint
     tally: PrivacyTally = field(default_factory=PrivacyTally)
 
     def wait_for_clients(self) -> list[int]:
+        """Connected node ids once at least ``min-available-clients`` are there; bounded by the wait limit."""
+        deadline = time.monotonic() + self.wait_timeout
         while len(nodes := list(self.grid.get_node_ids())) < self.min_available_clients:
+            if self.wait_timeout and time.monotonic() > deadline:
+                raise WaitTimeout(
+                    f"only {len(nodes)} of the {self.min_available_clients} required clients "
+                    f"(min-available-clients) connected within wait-timeout = {self.wait_timeout:g}s"
+                )
             log(INFO, "Waiting for clients: %d connected, %d needed", len(nodes), self.min_available_clients)
             time.sleep(1.0)
         return nodes
+
+    def state(self) -> dict:
+        """What a checkpoint must hold to continue exactly where this federation is."""
+        return {"strategy": self.strategy, "privacy": self.privacy, "eval_sampler": self.eval_sampler, "tally": self.tally}
+
+    def restore(self, state: dict) -> None:
+        self.strategy, self.privacy = state["strategy"], state["privacy"]
+        self.eval_sampler, self.tally = state["eval_sampler"], state["tally"]
 
     def _instructions(self, server_round: int):
         dp = self.privacy.aggregator
         clip = dp.clipping_norm if dp is not None else 0.0
         return RoundInstructions(server_round, self.num_features, self.num_classes, clipping_norm=clip).to_record()
 
-    def run(self, arrays: ArrayRecord, num_rounds: int) -> tuple[ArrayRecord, str]:
-        """Train for ``num_rounds`` or until the budget stop; return the model and why it stopped."""
-        progress = Progress(num_rounds)
-        for server_round in range(1, num_rounds + 1):
+    def run(self, arrays: ArrayRecord, num_rounds: int, first_round: int = 1) -> tuple[ArrayRecord, str]:
+        """Train rounds ``first_round..num_rounds``, until the budget stop, or until clients are
+        missing for longer than the wait limit; return the model and why it stopped."""
+        progress = Progress(num_rounds, first_round - 1)
+        for server_round in range(first_round, num_rounds + 1):
             ledger = self.privacy.ledger
             if ledger is not None and self.max_epsilon and ledger.epsilon_if_step() > self.max_epsilon:
                 reason = (
@@ -107,13 +130,20 @@ class Federation:
                 print(reason, flush=True)
                 return arrays, reason
             started = time.monotonic()
-            arrays, row = self.train_round(server_round, arrays)
-            if self.federated_evaluation:
-                row |= self.evaluate_round(server_round, arrays)
+            try:
+                arrays, row = self.train_round(server_round, arrays)
+                if self.federated_evaluation:
+                    row |= self.evaluate_round(server_round, arrays)
+            except WaitTimeout as timeout:
+                reason = f"stopped before finishing round {server_round}: {timeout}"
+                print(reason, flush=True)
+                return arrays, reason
             row["central_loss"], row["central_accuracy"] = self.central_eval(arrays)
             row["round"] = server_round
             row["seconds"] = round(time.monotonic() - started, 3)
             self.recorder.add_round(row | self.privacy_fields())
+            if self.on_round_end is not None:
+                self.on_round_end(server_round, arrays)
             print(progress.line(server_round, row["central_accuracy"], row["central_loss"], self.privacy_fields()), flush=True)
         return arrays, f"completed {num_rounds} rounds"
 
@@ -142,6 +172,17 @@ class Federation:
             log(WARNING, "client %s refused to train: %s", message.metadata.src_node_id, reason)
         return refused
 
+    def _valid(self, replies: list[Message], arrays: ArrayRecord) -> list[Message]:
+        reference = arrays_from_record(arrays)
+        valid = []
+        for message in replies:
+            problem = reply_problem(message, reference)
+            if problem is None:
+                valid.append(message)
+            else:
+                log(WARNING, "rejected the update of client %s: %s", message.metadata.src_node_id, problem)
+        return valid
+
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
         chosen = self.privacy.sampler.sample(self.wait_for_clients())
         messages = list(
@@ -149,20 +190,23 @@ class Federation:
         )
         replies, failures = self._exchange(messages)
         refused = self._refusals(replies)
-        usable = [m for m in replies if not m.has_error() and m not in refused]
+        answered = [m for m in replies if not m.has_error() and m not in refused]
+        usable = self._valid(answered, arrays)
         self.tally.collect(usable)
         row = {
             "train_loss": _mean_metric(usable, TRAIN_LOSS),
             "num_replies": len(usable),
             "num_failures": len(failures),
             "num_refused": len(refused),
+            "num_invalid": len(answered) - len(usable),
         }
         if self.privacy.aggregator is not None:
             stepped = self._private_step(server_round, arrays, usable)
             return stepped, row | {"num_clipped": self.tally.num_clipped, "num_rejected": self.tally.num_rejected}
         if not usable:
             reasons = "; ".join(sorted({m.error.reason for m in failures})) or (
-                "all refused (privacy budget exhausted)" if refused else "no clients sampled"
+                "all refused (privacy budget exhausted)" if refused
+                else "all updates malformed" if answered else "no clients sampled"
             )
             raise RoundFailed(
                 f"round {server_round}: none of {len(messages)} sampled clients returned an update ({reasons})"

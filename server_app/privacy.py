@@ -101,11 +101,13 @@ def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
     return PrivacyPlan(sampler, m, z, ledger, aggregator)
 
 
-def guarantee_sentence(config: RunConfig, plan: PrivacyPlan, rounds: int, epsilon: float | None,
+def guarantee_sentence(config: RunConfig, plan: PrivacyPlan | None, rounds: int, epsilon: float | None,
                        sample_epsilon: float | None) -> str:
     """One sentence a reader can quote: what is protected, how strongly, under which assumptions."""
     if config.dp == "none":
         return "No differential privacy: dp = 'none'."
+    if rounds == 0:
+        return "No round ran, so no model update was released (epsilon 0)."
     if config.dp in ("server", "client"):
         described = plan.ledger.describe()
         clip = "adaptive" if config.clipping == "adaptive" else f"fixed at {config.clipping_norm}"
@@ -135,9 +137,9 @@ def guarantee_sentence(config: RunConfig, plan: PrivacyPlan, rounds: int, epsilo
     )
 
 
-def privacy_columns(config: RunConfig, plan: PrivacyPlan) -> dict:
+def privacy_columns(config: RunConfig, plan: PrivacyPlan | None) -> dict:
     """The columns that are the same in every round's row: what the epsilon means."""
-    if config.dp == "none":
+    if config.dp == "none" or plan is None:
         return {"delta": None, "accountant": None, "sampling": config.sampling, "neighbouring_relation": None}
     if plan.ledger is not None:
         described = plan.ledger.describe()

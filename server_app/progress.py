@@ -6,8 +6,9 @@ import time
 
 
 class Progress:
-    def __init__(self, total_rounds: int):
+    def __init__(self, total_rounds: int, rounds_done_before: int = 0):
         self.total_rounds = total_rounds
+        self.rounds_done_before = rounds_done_before  # a resumed run: ETA from this session's pace
         self.start = time.monotonic()
 
     def elapsed(self) -> float:
@@ -15,7 +16,7 @@ class Progress:
 
     def line(self, server_round: int, accuracy: float | None, loss: float | None, privacy: dict | None = None) -> str:
         elapsed = self.elapsed()
-        eta = elapsed / server_round * (self.total_rounds - server_round)
+        eta = elapsed / (server_round - self.rounds_done_before) * (self.total_rounds - server_round)
         acc = "n/a" if accuracy is None else f"{accuracy:.4f}"
         los = "n/a" if loss is None else f"{loss:.4f}"
         text = (

@@ -25,6 +25,8 @@ METRIC_COLUMNS = [
     "train_loss",
     "num_replies",
     "num_failures",
+    "num_refused",
+    "num_invalid",
     "seconds",
     "epsilon",
     "sample_epsilon_max",
@@ -74,11 +76,19 @@ class RunRecorder:
         self.rows.append({key: _json_safe(row.get(key)) for key in METRIC_COLUMNS} | {
             key: _json_safe(value) for key, value in row.items() if key not in METRIC_COLUMNS
         })
+        self._write_metrics()
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Continue a resumed run's history."""
+        self.rows = list(rows)
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
         write_json(self.path("metrics.json"), self.rows)
         self._write_csv()
 
     def _write_csv(self) -> None:
-        columns = list(self.rows[0])
+        columns = list(self.rows[0]) if self.rows else METRIC_COLUMNS
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
@@ -95,6 +105,7 @@ class RunRecorder:
             "wall_seconds": round(wall_seconds, 3),
             "output_dir": self.output_dir,
         } | extra
+        self._write_metrics()  # also when no round ran: an empty history, not a missing file
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
         atomic_write(self.path("model.pt"), buffer.getvalue())

@@ -1,0 +1,123 @@
+"""Faults and attacks: a killed server resumes to the same result, missing clients end the run
+within the wait limit with results saved, malformed updates are rejected, and robust
+strategies hold against Byzantine clients."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.models import build_model
+from common.privacy.clipping import arrays_from_record
+from flower_messages import task_identity
+from server_app.update_validation import reply_problem
+from simulation import read_results, run_app
+
+SIMULATE = Path(__file__).resolve().parent.parent / "scripts" / "simulate.py"
+DP_RUN = "num-server-rounds=5 dp='server' sampling='poisson' clients-per-round=3 noise-multiplier=0.5 clipping-norm=2.0"
+
+
+def _simulate(out: Path, run_config: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SIMULATE), "--num-clients", "6", "--output-dir", str(out), "--run-config", run_config],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def _rounds_done(out: Path) -> int:
+    try:
+        return len(json.loads((out / "metrics.json").read_text()))
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.e2e
+def test_killed_server_resumes_to_the_same_history_and_epsilon(tmp_path):
+    reference = _simulate(tmp_path / "reference", DP_RUN)
+    interrupted = tmp_path / "interrupted"
+    victim = _simulate(interrupted, DP_RUN)
+    deadline = time.monotonic() + 300
+    while _rounds_done(interrupted) < 2 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.killpg(victim.pid, signal.SIGKILL)  # the server and everything it started, mid-run
+    victim.wait()
+    killed_at = _rounds_done(interrupted)
+    assert 2 <= killed_at < 5
+    resumed = _simulate(interrupted, DP_RUN + " resume=true")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"Resuming after round {killed_at}" in output
+    assert reference.wait(timeout=600) == 0
+
+    expected, expected_summary = read_results(tmp_path / "reference")
+    got, got_summary = read_results(interrupted)
+    assert [r["round"] for r in got] == [1, 2, 3, 4, 5]
+    for key in ("central_accuracy", "central_loss", "epsilon", "num_replies", "clipping_norm"):
+        assert [r[key] for r in got] == [r[key] for r in expected], key
+    assert got_summary["epsilon"] == expected_summary["epsilon"]
+
+
+def test_missing_clients_end_the_run_within_the_wait_limit_with_results_saved(tmp_path):
+    started = time.monotonic()
+    overrides = {"output-dir": str(tmp_path), "num-server-rounds": 3, "min-available-clients": 5, "wait-timeout": 3.0}
+    metrics, summary = read_results(run_app(overrides, num_clients=3))
+    assert time.monotonic() - started < 120
+    assert summary["rounds"] == 0 and "wait-timeout = 3s" in summary["stop_reason"]
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "config.json").exists()
+
+
+def _reply(arrays: dict, num_examples=10) -> Message:
+    record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+    content = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": num_examples})})
+    with task_identity():
+        instruction = Message(RecordDict({"config": ConfigRecord()}), 3, "train")
+    return Message(content, reply_to=instruction)
+
+
+def _malformed_replies():
+    good = {k: v.numpy() for k, v in build_model("mlp", 64, 10, seed=0).state_dict().items()}
+    first = next(iter(good))
+    return good, {
+        "missing array": {k: v for k, v in good.items() if k != first},
+        "extra array": good | {"bonus": np.zeros(3, dtype=np.float32)},
+        "wrong shape": good | {first: np.zeros((2, 2), dtype=np.float32)},
+        "wrong dtype": good | {first: good[first].astype(np.float64)},
+        "NaN": good | {first: np.full_like(good[first], np.nan)},
+        "Inf": good | {first: np.full_like(good[first], np.inf)},
+    }
+
+
+@pytest.mark.parametrize("kind", list(_malformed_replies()[1]))
+def test_each_kind_of_malformed_reply_is_named(kind):
+    good, bad = _malformed_replies()
+    assert reply_problem(_reply(good), good) is None
+    problem = reply_problem(_reply(bad[kind]), good)
+    expected = {"missing array": "missing", "extra array": "extra", "wrong shape": "expected",
+                "wrong dtype": "float64", "NaN": "NaN or Inf", "Inf": "NaN or Inf"}[kind]
+    assert problem is not None and expected in problem
+
+
+ATTACK = {"attack": "sign-flip", "malicious-clients": 2, "attack-scale": 10.0, "num-server-rounds": 4}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
+def test_robust_strategies_hold_against_byzantine_clients(tmp_path, strategy):
+    overrides = {"strategy": strategy, "num-server-rounds": 4, "num-malicious-nodes": 2, "trim-beta": 0.2}
+    _, clean = read_results(run_app(overrides | {"output-dir": str(tmp_path / "clean")}, 10))
+    _, attacked = read_results(run_app(overrides | ATTACK | {"output-dir": str(tmp_path / "attacked")}, 10))
+    assert attacked["final_central_accuracy"] >= clean["final_central_accuracy"] - 0.03, (clean, attacked)
+
+
+@pytest.mark.e2e
+def test_fedavg_fails_under_the_same_attack(tmp_path):
+    _, attacked = read_results(run_app(ATTACK | {"output-dir": str(tmp_path)}, 10))
+    assert attacked["final_central_accuracy"] < 0.5
