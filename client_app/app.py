@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client_app.attacks import attack_update, is_malicious
-from client_app.privacy_store import PrivacyStore
+from client_app.privacy_store import PrivacyStore, client_identity
 from client_app.training import train_locally
 from client_app.update_privacy import clip_for_server, local_ledger, local_noise_multiplier, randomize_locally
 from common.config import NodeConfig, RunConfig
@@ -23,6 +23,7 @@ from common.evaluation import evaluate
 from common.models import build_model
 from common.privacy.clipping import arrays_from_record
 from common.protocol import (
+    CLIENT_ID,
     LOCAL_EPSILON,
     NOISE_MULTIPLIER,
     NUM_EXAMPLES,
@@ -119,6 +120,14 @@ def _train_dpsgd(msg, context, config, node, data, model, seed) -> Message:
         return _reply(msg, msg.content["arrays"], metrics | {REFUSED: 1}, result.refused)
     store.save({"updates": saved["updates"] + 1, "history": history})
     return _reply(msg, ArrayRecord(model.state_dict()), metrics)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server who this client is across restarts, so seeded sampling picks the same clients."""
+    config = RunConfig.from_run_config(context.run_config)
+    node = NodeConfig.from_node_config(context.node_config)
+    return Message(RecordDict({"identity": ConfigRecord({CLIENT_ID: client_identity(config, node)})}), reply_to=msg)
 
 
 @app.evaluate()

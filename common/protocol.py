@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, MetricRecord
 
+CLIENT_ID = "client-id"  # a client's stable identity (of its data), answered to an "identify" query
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 TRAIN_LOSS = "train_loss"  # also the key QFedAvg reads
 EVAL_LOSS = "eval_loss"

@@ -62,6 +62,20 @@ def wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: 
     sys.exit(f"flower-superlink did not become ready within {timeout:.0f}s; see {log_file}")
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process and everything it started (its session), then SIGKILL what lingers."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_status(env: dict, run_id: str) -> str:
     out = subprocess.run(
         [flwr_bin("flwr"), "ls", "sim", "--run-id", run_id, "--format", "json"],
@@ -90,7 +104,9 @@ def main() -> int:
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
     )
-    env = os.environ | QUIET_ENV | {"FLWR_HOME": str(home)}
+    # The SuperLink starts `flower-superexec`/`flwr-simulation` by name: put this environment's bin first.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = os.environ | QUIET_ENV | {"FLWR_HOME": str(home), "PATH": path}
     log_file = home / "superlink.log"
     superlink = subprocess.Popen(
         [
@@ -128,11 +144,7 @@ def main() -> int:
         print(f"Results: {output_dir}")
         return 0
     finally:
-        os.killpg(superlink.pid, signal.SIGTERM)
-        try:
-            superlink.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(superlink.pid, signal.SIGKILL)
+        stop_process_group(superlink)
         if superlink.returncode in (0, -signal.SIGTERM, -signal.SIGKILL):
             shutil.rmtree(home, ignore_errors=True)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Callable
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.common import MessageType
 from flwr.serverapp import Grid
@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.privacy.clipping import arrays_from_record, record_from_arrays
 from common.protocol import (
+    CLIENT_ID,
     EVAL_ACCURACY,
     EVAL_LOSS,
     LOCAL_EPSILON,
@@ -89,6 +90,20 @@ class Federation:
     wait_timeout: float = 0.0  # seconds; 0 waits forever (Flower's own behaviour)
     on_round_end: Callable[[int, ArrayRecord], None] | None = None  # e.g. save a checkpoint
     tally: PrivacyTally = field(default_factory=PrivacyTally)
+    identities: dict[int, str] = field(default_factory=dict)  # node id -> client identity
+
+    def connected_clients(self) -> list[int]:
+        """Connected node ids, ordered by the clients' stable identities (not by their node ids,
+        which change with every start), so the same seed samples the same clients in every run."""
+        nodes = self.wait_for_clients()
+        unknown = [n for n in nodes if n not in self.identities]
+        if unknown:
+            with_identity = RecordDict({"config": ConfigRecord()})
+            queries = [Message(with_identity, node, MessageType.QUERY) for node in unknown]
+            for reply in self.grid.send_and_receive(queries, timeout=REPLY_TIMEOUT):
+                if not reply.has_error():
+                    self.identities[reply.metadata.src_node_id] = str(reply.content["identity"][CLIENT_ID])
+        return sorted(nodes, key=lambda node: (self.identities.get(node, ""), node))
 
     def wait_for_clients(self) -> list[int]:
         """Connected node ids once at least ``min-available-clients`` are there; bounded by the wait limit."""
@@ -159,7 +174,10 @@ class Federation:
         }
 
     def _exchange(self, messages) -> tuple[list[Message], list[Message]]:
-        replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
+        replies = sorted(  # a fixed order (by client identity) makes aggregation bit-reproducible
+            self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT),
+            key=lambda m: (self.identities.get(m.metadata.src_node_id, ""), m.metadata.src_node_id),
+        )
         failures = [m for m in replies if m.has_error()]
         for message in failures:
             log(WARNING, "client %s failed: %s", message.metadata.src_node_id, message.error.reason)
@@ -184,7 +202,7 @@ class Federation:
         return valid
 
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
-        chosen = self.privacy.sampler.sample(self.wait_for_clients())
+        chosen = self.privacy.sampler.sample(self.connected_clients())
         messages = list(
             self.strategy.configure_train(server_round, arrays, self._instructions(server_round), OfferedNodes(chosen))
         )
@@ -238,7 +256,7 @@ class Federation:
         return stepped
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> dict:
-        chosen = self.eval_sampler.sample(self.wait_for_clients())
+        chosen = self.eval_sampler.sample(self.connected_clients())
         messages = self.strategy.configure_evaluate(
             server_round, arrays, self._instructions(server_round), OfferedNodes(chosen)
         )

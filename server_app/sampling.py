@@ -8,7 +8,7 @@ can be told exactly how clients were sampled.
 from __future__ import annotations
 
 import random
-from typing import Iterable, Sequence
+from typing import Sequence
 
 
 class ClientSampler:
@@ -23,9 +23,9 @@ class ClientSampler:
             return max(1, int(round(self.clients_per_round * num_available)))
         return min(int(self.clients_per_round), num_available)
 
-    def sample(self, node_ids: Iterable[int]) -> list[int]:
-        nodes = sorted(node_ids)  # sort: the seed alone decides, not arrival order
-        return sorted(self.rng.sample(nodes, self.sample_size(len(nodes))))
+    def sample(self, node_ids: Sequence[int]) -> list[int]:
+        """``node_ids`` in a stable order (by client identity): the seed alone decides who is chosen."""
+        return self.rng.sample(list(node_ids), self.sample_size(len(node_ids)))
 
 
 class OfferedNodes:
@@ -54,12 +54,12 @@ class PoissonSampler:
         self.sample_rate = sample_rate
         self.rng = random.Random(seed)
 
-    def sample(self, node_ids: Iterable[int]) -> list[int]:
-        return [node for node in sorted(node_ids) if self.rng.random() < self.sample_rate]
+    def sample(self, node_ids: Sequence[int]) -> list[int]:
+        return [node for node in node_ids if self.rng.random() < self.sample_rate]
 
 
 class EveryoneSampler:
     """Every connected client, every round (no amplification by sampling)."""
 
-    def sample(self, node_ids: Iterable[int]) -> list[int]:
-        return sorted(node_ids)
+    def sample(self, node_ids: Sequence[int]) -> list[int]:
+        return list(node_ids)
