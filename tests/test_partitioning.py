@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from common.config import NodeConfig, RunConfig
-from common.data.client_data import central_test_set, load_client_data
+from common.data.client_data import _partition_table, central_test_set, load_client_data, partition_rows
 from common.data.datasets import load_dataset
 from common.data.files import DataFileError
-from common.data.partitioning import central_split, partition_indices
+from common.data.partitioning import central_split, partition_table
 
 NUM_CLIENTS = 10
 
@@ -15,7 +15,7 @@ NUM_CLIENTS = 10
 def _all_partitions(config: RunConfig):
     data = load_dataset(config)
     pool, test = central_split(len(data), config.test_fraction, config.seed)
-    parts = [pool[partition_indices(data.y[pool], config, NUM_CLIENTS, i)] for i in range(NUM_CLIENTS)]
+    parts = [pool[p] for p in partition_table(data.y[pool], config, NUM_CLIENTS)]
     return data, pool, test, parts
 
 
@@ -69,3 +69,14 @@ def test_mnist1d_is_generated_offline_at_the_requested_size():
     config = RunConfig.from_run_config({"dataset": "mnist1d", "dataset-samples": 1000})
     data = load_dataset(config)
     assert data.x.shape == (1000, 40) and set(np.unique(data.y)) == set(range(10))
+
+
+def test_cached_partitions_equal_fresh_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_DP_CACHE", str(tmp_path))
+    config = RunConfig.from_run_config({"partitioner": "dirichlet", "dirichlet-alpha": 0.3, "seed": 5})
+    _, _, _, fresh = _all_partitions(config)
+    for i in range(NUM_CLIENTS):
+        assert np.array_equal(partition_rows(config, NUM_CLIENTS, i), fresh[i])
+    assert len(list(tmp_path.glob("*.npz"))) == 1  # written once
+    _partition_table.cache_clear()  # a new process: read back from disk
+    assert all(np.array_equal(partition_rows(config, NUM_CLIENTS, i), fresh[i]) for i in range(NUM_CLIENTS))

@@ -10,7 +10,8 @@ import numpy as np
 from common.config import NodeConfig, RunConfig
 from common.data.datasets import Dataset, load_dataset
 from common.data.files import DataFileError, load_table
-from common.data.partitioning import central_split, local_split, partition_indices
+from common.data.cache import cached_arrays
+from common.data.partitioning import central_split, local_split, partition_table
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,33 @@ def central_test_set(config: RunConfig) -> Dataset:
     return Dataset(data.x[test], data.y[test], data.num_classes)
 
 
-@lru_cache(maxsize=4096)
-def _partition(config: RunConfig, num_partitions: int, partition_id: int) -> np.ndarray:
-    data = _cached_dataset(config)
-    pool, _ = central_split(len(data), config.test_fraction, config.seed)
-    return pool[partition_indices(data.y[pool], config, num_partitions, partition_id)]
+def _partition_key(config: RunConfig, num_partitions: int) -> str:
+    """Everything the partition table depends on (and a version, to invalidate old caches)."""
+    return (
+        f"partitions-v1|{config.dataset}|{config.dataset_samples}|{config.seed}|{config.test_fraction}|"
+        f"{config.partitioner}|{config.dirichlet_alpha}|{config.classes_per_client}|{num_partitions}"
+    )
+
+
+@lru_cache(maxsize=8)
+def _partition_table(config: RunConfig, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
+    """All clients' rows, flattened: client i owns rows[offsets[i]:offsets[i + 1]] (cached on disk)."""
+
+    def build() -> dict[str, np.ndarray]:
+        data = _cached_dataset(config)
+        pool, _ = central_split(len(data), config.test_fraction, config.seed)
+        parts = [pool[p] for p in partition_table(data.y[pool], config, num_partitions)]
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        return {"offsets": offsets, "rows": np.concatenate(parts).astype(np.int64)}
+
+    table = cached_arrays(_partition_key(config, num_partitions), build)
+    return table["offsets"], table["rows"]
+
+
+def partition_rows(config: RunConfig, num_partitions: int, partition_id: int) -> np.ndarray:
+    """Rows of the dataset (never of the central test split) that demo client ``partition_id`` holds."""
+    offsets, rows = _partition_table(config, num_partitions)
+    return rows[offsets[partition_id] : offsets[partition_id + 1]]
 
 
 def load_client_data(config: RunConfig, node: NodeConfig, num_features: int, num_classes: int) -> ClientData:
@@ -53,7 +76,7 @@ def load_client_data(config: RunConfig, node: NodeConfig, num_features: int, num
                 "--node-config \"data-path=<absolute path of its CSV/NPZ>\""
             )
         data = _cached_dataset(config)
-        rows = _partition(config, node.num_partitions, node.partition_id)
+        rows = partition_rows(config, node.num_partitions, node.partition_id)
         x, y = data.x[rows], data.y[rows]
         seed = config.seed + 1 + node.partition_id
     where = node.data_path or f"partition {node.partition_id}"

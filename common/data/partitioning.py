@@ -43,16 +43,20 @@ def _partitioner(config: RunConfig, num_partitions: int):
     )
 
 
-def partition_indices(
-    labels: np.ndarray, config: RunConfig, num_partitions: int, partition_id: int
-) -> np.ndarray:
-    """Indices (into ``labels``) of one client's partition, from a flwr-datasets partitioner."""
+def partition_table(labels: np.ndarray, config: RunConfig, num_partitions: int) -> list[np.ndarray]:
+    """Indices (into ``labels``) of every client's partition, from a flwr-datasets partitioner.
+
+    All partitions are computed in one pass (the partitioners assign every row at once), so
+    a federation of N clients costs one partitioning, not N.
+    """
     from datasets import Dataset as HFDataset
 
     table = HFDataset.from_dict({"label": labels.tolist(), "index": np.arange(len(labels)).tolist()})
     partitioner = _partitioner(config, num_partitions)
     partitioner.dataset = table
-    return np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64)
+    return [
+        np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)
+    ]
 
 
 def local_split(num_examples: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

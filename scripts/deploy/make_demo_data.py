@@ -30,9 +30,9 @@ if str(APP_DIR) not in sys.path:
 from flwr.common.config import parse_config_args  # noqa: E402
 
 from common.config import RunConfig  # noqa: E402
+from common.data.client_data import central_test_set, partition_rows  # noqa: E402
 from common.data.datasets import load_dataset  # noqa: E402
 from common.data.files import save_table  # noqa: E402
-from common.data.partitioning import central_split, partition_indices  # noqa: E402
 
 
 def write_partitions(out_dir: str, num_clients: int, config: RunConfig, fmt: str = "npz") -> list[str]:
@@ -41,14 +41,14 @@ def write_partitions(out_dir: str, num_clients: int, config: RunConfig, fmt: str
         raise SystemExit("dataset='file' is your own data already: nothing to partition")
     os.makedirs(out_dir, exist_ok=True)
     data = load_dataset(config)
-    pool, test = central_split(len(data), config.test_fraction, config.seed)
     paths = []
     for client in range(num_clients):
-        rows = pool[partition_indices(data.y[pool], config, num_clients, client)]
+        rows = partition_rows(config, num_clients, client)
         path = os.path.abspath(os.path.join(out_dir, f"client-{client}.{fmt}"))
         save_table(path, data.x[rows], data.y[rows])
         paths.append(path)
-    save_table(os.path.join(out_dir, f"central.{fmt}"), data.x[test], data.y[test])
+    test = central_test_set(config)
+    save_table(os.path.join(out_dir, f"central.{fmt}"), test.x, test.y)
     return paths
 
 
