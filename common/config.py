@@ -157,6 +157,9 @@ class RunConfig:
     attack: str = _key("attack", "none", _choice(ATTACKS), "simulated Byzantine clients' attack")
     malicious_clients: int = _key("malicious-clients", 0, _non_negative, "how many simulated clients attack")
     attack_scale: float = _key("attack-scale", 10.0, _range(0, INF, low_open=True), "attack magnitude")
+    identify_clients: bool = _key(
+        "identify-clients", True, None, "ask clients once for a stable identity: reproducible sampling"
+    )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":

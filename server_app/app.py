@@ -56,6 +56,7 @@ def main(grid: Grid, context: Context) -> None:
         federated_evaluation=federated_evaluation,
         max_epsilon=config.max_epsilon,
         wait_timeout=config.wait_timeout,
+        identify_clients=config.identify_clients,
     )
     arrays, first_round, elapsed_before = ArrayRecord(model.state_dict()), 1, 0.0
     if config.resume:
