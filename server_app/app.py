@@ -34,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(output_dir, config.to_dict() | {"output-dir": output_dir})
     print(f"Writing results to {output_dir}", flush=True)
 
-    test_set = central_test_set(config)
+    test_set = central_test_set(config, cache_root=os.path.join(output_dir, "cache"))
     model = build_model(config.model, test_set.num_features, test_set.num_classes, seed=config.seed)
 
     def central_eval(arrays: ArrayRecord) -> tuple[float, float]:

@@ -21,10 +21,12 @@ def cache_dir() -> str:
     return os.environ.get("FL_DP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fl-dp")
 
 
-def cached_arrays(description: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The arrays ``build()`` returns for ``description``, computed at most once per machine."""
+def cached_arrays(
+    description: str, build: Callable[[], dict[str, np.ndarray]], root: str | None = None
+) -> dict[str, np.ndarray]:
+    """The arrays ``build()`` returns for ``description``, computed at most once per cache ``root``."""
     key = hashlib.sha256(description.encode()).hexdigest()[:24]
-    path = os.path.join(cache_dir(), f"{key}.npz")
+    path = os.path.join(root or cache_dir(), f"{key}.npz")
     try:
         with np.load(path, allow_pickle=False) as stored:
             return {name: stored[name] for name in stored.files}

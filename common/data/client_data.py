@@ -23,14 +23,17 @@ class ClientData:
 
 
 @lru_cache(maxsize=4)
-def _cached_dataset(config: RunConfig) -> Dataset:
+def _cached_dataset(config: RunConfig, cache_root: str | None = None) -> Dataset:
     # Simulated clients share one process: load and generate once per config.
-    return load_dataset(config)
+    return load_dataset(config, cache_root)
 
 
-def central_test_set(config: RunConfig) -> Dataset:
-    """The held-out split the server evaluates on; no client's partition overlaps it."""
-    data = _cached_dataset(config)
+def central_test_set(config: RunConfig, cache_root: str | None = None) -> Dataset:
+    """The held-out split the server evaluates on; no client's partition overlaps it.
+
+    The server passes a ``cache_root`` inside its output directory: it writes nowhere else.
+    """
+    data = _cached_dataset(config, cache_root)
     _, test = central_split(len(data), config.test_fraction, config.seed)
     return Dataset(data.x[test], data.y[test], data.num_classes)
 

@@ -31,7 +31,7 @@ class Dataset:
         return int(self.y.shape[0])
 
 
-def _digits(config: RunConfig) -> Dataset:
+def _digits(config: RunConfig, cache_root: str | None) -> Dataset:
     """sklearn's bundled 8x8 handwritten digits (1,797 images): no download, ever."""
     from sklearn.datasets import load_digits
 
@@ -40,7 +40,7 @@ def _digits(config: RunConfig) -> Dataset:
     return Dataset(x, bunch.target.astype(np.int64), 10)
 
 
-def _mnist1d(config: RunConfig) -> Dataset:
+def _mnist1d(config: RunConfig, cache_root: str | None) -> Dataset:
     """MNIST-1D (Greydanus 2020), generated offline from its templates (never downloaded).
 
     The generator is deterministic for a seed; ``dataset-samples`` sets the size, so a
@@ -59,22 +59,23 @@ def _mnist1d(config: RunConfig) -> Dataset:
         return {"x": x, "y": np.concatenate([data["y"], data["y_test"]]).astype(np.int64)}
 
     # Generation takes ~0.25 ms per example: done once per machine, then read from the cache.
-    data = cached_arrays(f"mnist1d-v1|{config.dataset_samples}|{config.seed}", generate)
+    data = cached_arrays(f"mnist1d-v1|{config.dataset_samples}|{config.seed}", generate, cache_root)
     return Dataset(data["x"], data["y"], 10)
 
 
-def _central_file(config: RunConfig) -> Dataset:
+def _central_file(config: RunConfig, cache_root: str | None) -> Dataset:
     """A user's own data: the server's held-out file (clients bring their own files)."""
     x, y = load_table(config.central_data_path, key="central-data-path")
     return Dataset(x, y, int(y.max()) + 1)
 
 
-LOADERS: dict[str, Callable[[RunConfig], Dataset]] = {
+LOADERS: dict[str, Callable[[RunConfig, str | None], Dataset]] = {
     "digits": _digits,
     "mnist1d": _mnist1d,
     "file": _central_file,
 }
 
 
-def load_dataset(config: RunConfig) -> Dataset:
-    return LOADERS[config.dataset](config)
+def load_dataset(config: RunConfig, cache_root: str | None = None) -> Dataset:
+    """The named dataset; generated data is cached under ``cache_root`` (default: FL_DP_CACHE)."""
+    return LOADERS[config.dataset](config, cache_root)
