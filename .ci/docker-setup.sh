@@ -11,13 +11,15 @@
 #    verify PyPI here) into a cache outside the repo, and hard-links it into docker/wheelhouse/
 #    (git-ignored) so `docker build` installs offline.
 #
-# On success it prints the variables the compose test reads, e.g.
+# On success it prints what it made ready (tests/test_compose.py finds the base image by itself), e.g.
 #   FL_BASE_IMAGE=fl-dp/bookworm-minbase:latest
+# Variables: FL_DOCKER_CACHE (default /var/cache/fl-dp: base tarball, wheelhouse), FL_BASE_IMAGE (the tag
+# to build/import), FL_DEBIAN_MIRROR, FL_DOCKERD_LOG.
 # Exit code non-zero when any step fails (the caller then skips or fails the compose tests).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${FL_DP_CACHE:-/var/cache/fl-dp}"
+CACHE="${FL_DOCKER_CACHE:-/var/cache/fl-dp}"
 BASE_IMAGE="${FL_BASE_IMAGE:-fl-dp/bookworm-minbase:latest}"
 MIRROR="${FL_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 WHEELHOUSE="$CACHE/wheelhouse"
@@ -43,6 +45,10 @@ fi
 # --- 2. engine --------------------------------------------------------------------------------
 if ! docker info >/dev/null 2>&1; then
     log "starting dockerd (log: $DOCKERD_LOG)"
+    # A machine handed back after its session ended may keep a pid file of a dockerd that is gone.
+    if ! pgrep -x dockerd >/dev/null 2>&1; then
+        rm -f /var/run/docker.pid /run/docker/containerd/containerd.pid
+    fi
     # containerd is started by dockerd itself when it is not running as a service.
     nohup dockerd >"$DOCKERD_LOG" 2>&1 </dev/null &
     for _ in $(seq 1 120); do

@@ -157,17 +157,18 @@ def test_compose_federation_finishes_and_writes_results_to_the_host(stack):
     results = stack.deploy_dir / "results"
     before = set(results.iterdir())
     started = time.monotonic()
-    done = stack.run(*stack.submit("num-server-rounds=2 local-epochs=1 dp='dpsgd' noise-multiplier=0.5"),
+    # One round keeps CI short; tests/test_deployment.py runs two over TLS without Docker.
+    done = stack.run(*stack.submit("num-server-rounds=1 local-epochs=1 dp='dpsgd' noise-multiplier=0.5"),
                      timeout=1200, check=False)
-    stack.timings["run-2-rounds"] = time.monotonic() - started
+    stack.timings["run-1-round"] = time.monotonic() - started
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:] + stack.logs("superlink")
     assert "finished:completed" in done.stdout
 
     run_dir = _single_run_dir(results, before)
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["rounds"] == 2 and summary["final_central_accuracy"] > 0.3, summary
-    assert all(row["num_replies"] == 3 for row in rows), rows
+    assert summary["rounds"] == 1 and summary["final_central_accuracy"] > 0.2, summary  # chance: 0.1
+    assert rows[0]["num_replies"] == 3 and rows[0]["num_failures"] == 0, rows
     for name in ("config.json", "metrics.csv", "model.pt"):
         assert (run_dir / name).is_file()
     stack.timings["round-seconds"] = [row["seconds"] for row in rows]
