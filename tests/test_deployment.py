@@ -256,3 +256,40 @@ def test_supernode_authentication_admits_registered_keys_only(processes, certs, 
     assert member.poll() is None, processes.log("registered")[-2000:]
     # Still exactly the one registered node, and it is online.
     assert [n["node-id"] for n in flwr_cli.online_nodes("fl", env)] == [registered[0]["node-id"]]
+
+
+def test_a_dead_client_that_leaves_too_few_ends_the_run_within_the_wait_limit(processes, certs, client_files, tmp_path):
+    """Two SuperNodes, both required; one is killed after round 1. Flower would wait forever;
+    the ServerApp stops within wait-timeout after the node is gone, with the results saved."""
+    port = processes.superlink(certs)
+    nodes = [
+        processes.supernode(f"supernode-{i}", port, certs, f"data-path='{client_files[i]}'") for i in range(2)
+    ]
+    home = tmp_path / "cli-home"
+    flwr_cli.write_connection(home, "fl", f"127.0.0.1:{port}", str(certs / "ca.crt"))
+    flwr_cli.wait_for_nodes("fl", flwr_cli.cli_env(home), 2, timeout=90)
+
+    results = tmp_path / "results"
+    submit = subprocess.Popen(
+        [
+            sys.executable, str(DEPLOY / "run_and_wait.py"), "--superlink", f"127.0.0.1:{port}",
+            "--root-certificates", str(certs / "ca.crt"), "--results-root", str(results), "--timeout", "600",
+            "--run-config", "num-server-rounds=5 min-available-clients=2 wait-timeout=15 local-epochs=1",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and not list(results.glob("*/metrics.json")):
+        assert submit.poll() is None, submit.stdout.read()[-3000:]
+        time.sleep(0.5)
+    os.killpg(nodes[1].pid, signal.SIGKILL)  # the client dies for good
+    killed = time.monotonic()
+    output = submit.communicate(timeout=600)[0]
+    assert submit.returncode == 0, output[-4000:]
+
+    (run_dir,) = list(results.iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "wait-timeout = 15s" in summary["stop_reason"] and summary["rounds"] < 5, summary
+    assert (run_dir / "model.pt").exists() and json.loads((run_dir / "metrics.json").read_text())
+    # Flower notices the dead node after its heartbeats lapse (~60 s); then 15 s of waiting.
+    print(f"stopped {time.monotonic() - killed:.0f}s after the kill: {summary['stop_reason']}")

@@ -20,6 +20,7 @@ from common.privacy.clipping import arrays_from_record
 from flower_messages import task_identity
 from server_app.update_validation import reply_problem
 from simulation import read_results, run_app
+from test_simulation_e2e import strategy_settings
 
 SIMULATE = Path(__file__).resolve().parent.parent / "scripts" / "simulate.py"
 DP_RUN = "num-server-rounds=5 dp='server' sampling='poisson' clients-per-round=3 noise-multiplier=0.5 clipping-norm=2.0"
@@ -124,19 +125,21 @@ def test_each_kind_of_malformed_reply_is_named(kind):
     assert problem is not None and expected in problem
 
 
-ATTACK = {"attack": "sign-flip", "malicious-clients": 2, "attack-scale": 10.0, "num-server-rounds": 4}
+# 2 of 10 clients send sign-flipped updates scaled 10x.
+ATTACK = {"attack": "sign-flip", "malicious-clients": 2, "attack-scale": 10.0}
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
-def test_robust_strategies_hold_against_byzantine_clients(tmp_path, strategy):
-    overrides = {"strategy": strategy, "num-server-rounds": 4, "num-malicious-nodes": 2, "trim-beta": 0.2}
-    _, clean = read_results(run_app(overrides | {"output-dir": str(tmp_path / "clean")}, 10))
-    _, attacked = read_results(run_app(overrides | ATTACK | {"output-dir": str(tmp_path / "attacked")}, 10))
+def test_robust_strategies_hold_against_byzantine_clients(federation_run, strategy):
+    settings = strategy_settings(strategy)
+    _, clean = read_results(federation_run(**settings))  # shared with test_simulation_e2e.py
+    _, attacked = read_results(federation_run(**settings, **ATTACK))
     assert attacked["final_central_accuracy"] >= clean["final_central_accuracy"] - 0.03, (clean, attacked)
 
 
 @pytest.mark.e2e
-def test_fedavg_fails_under_the_same_attack(tmp_path):
-    _, attacked = read_results(run_app(ATTACK | {"output-dir": str(tmp_path)}, 10))
-    assert attacked["final_central_accuracy"] < 0.5
+def test_fedavg_fails_under_the_same_attack(federation_run):
+    _, clean = read_results(federation_run(**strategy_settings("fedavg")))
+    _, attacked = read_results(federation_run(**strategy_settings("fedavg"), **ATTACK))
+    assert clean["final_central_accuracy"] > 0.6 and attacked["final_central_accuracy"] < 0.3, (clean, attacked)

@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.superlink:
         if bool(args.insecure) == bool(args.root_certificates):
             parser.error("with --superlink give either --root-certificates CA (TLS) or --insecure")
+        if args.root_certificates:
+            problem = flwr_cli.ca_file_problem(args.root_certificates)
+            if problem:
+                parser.error(f"--root-certificates {args.root_certificates}: {problem}")
         home = tempfile.mkdtemp(prefix="flwr-home-")
         flwr_cli.write_connection(home, "target", args.superlink, args.root_certificates, args.insecure)
         connection, env = "target", flwr_cli.cli_env(home)
