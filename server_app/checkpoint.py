@@ -13,6 +13,8 @@ output directory you control.
 
 from __future__ import annotations
 
+import copyreg
+import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -35,8 +37,16 @@ class Checkpoint:
     elapsed_seconds: float
 
 
+class _Pickler(pickle.Pickler):
+    """In deployment Flower's arrays are zero-copy memoryviews of received buffers: store their bytes."""
+
+    dispatch_table = copyreg.dispatch_table | {memoryview: lambda view: (bytes, (view.tobytes(),))}
+
+
 def save_checkpoint(output_dir: str, checkpoint: Checkpoint) -> None:
-    atomic_write(os.path.join(output_dir, CHECKPOINT_FILE), pickle.dumps(checkpoint))
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(checkpoint)
+    atomic_write(os.path.join(output_dir, CHECKPOINT_FILE), buffer.getvalue())
 
 
 def load_checkpoint(output_dir: str, config: dict[str, Any]) -> Checkpoint:

@@ -143,3 +143,15 @@ def test_fedavg_fails_under_the_same_attack(federation_run):
     _, clean = read_results(federation_run(**strategy_settings("fedavg")))
     _, attacked = read_results(federation_run(**strategy_settings("fedavg"), **ATTACK))
     assert clean["final_central_accuracy"] > 0.6 and attacked["final_central_accuracy"] < 0.3, (clean, attacked)
+
+
+def test_checkpoint_keeps_zero_copy_arrays_as_received_in_deployment(tmp_path):
+    """Deployment hands the server arrays backed by memoryviews, which plain pickle refuses."""
+    from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    record = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))})
+    record["w"].data = memoryview(bytes(record["w"].data))
+    save_checkpoint(str(tmp_path), Checkpoint(3, record, {"strategy_arrays": record}, [{"round": 3}], {"seed": 1}, 9.0))
+    restored = load_checkpoint(str(tmp_path), {"seed": 1})
+    assert restored.completed_rounds == 3 and restored.rows == [{"round": 3}]
+    assert np.array_equal(restored.arrays["w"].numpy(), np.arange(6, dtype=np.float32).reshape(2, 3))
