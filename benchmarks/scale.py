@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Benchmark 3: 1,000 / 10,000 / 100,000 simulated clients on MNIST-1D: seconds per round and memory.
+
+Each federation runs through ``scripts/simulate.py`` (the user's path: a simulation SuperLink,
+``flwr run``, Flower's simulation runtime with Ray) with ``dataset="mnist1d" model="cnn1d"``,
+100 clients sampled per round, ``identify-clients=false`` (no start-up query to every client),
+``fraction-evaluate=0``, one local epoch, ``val-fraction=0``. The data grows with the
+federation so every client holds about ``--per-client`` (10) training examples, and the
+server's held-out split is kept at ``--test-examples`` (10,000) examples for every size, so
+the central evaluation costs the same in every row: ``dataset-samples = N * per-client + test``,
+``test-fraction = test / dataset-samples``.
+
+Before each run the dataset and the partition table are generated into the on-disk cache by a
+separate process (timed, reported as one-off preparation). During the run the memory of the
+whole process tree (simulate.py, the SuperLink, flwr-simulation, Ray and its workers) is
+sampled every 0.5 s from /proc: the peak of the summed RSS (shared pages counted once per
+process) and of the summed PSS (shared pages split).
+
+    .venv/bin/python benchmarks/scale.py                          # 1k, 10k, 100k
+    .venv/bin/python benchmarks/scale.py --clients 1000 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def _load_bench_common():
+    """benchmarks/common.py, loaded by path (an installed package ships a top-level `benchmarks`,
+    and the app's own package is `common`)."""
+    import importlib.util
+
+    if "bench_common" in sys.modules:
+        return sys.modules["bench_common"]
+    spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).with_name("common.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_common"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench_common()
+
+GOAL_CLIENTS, GOAL_GIB, GOAL_SECONDS = 100_000, 8.0, 5.0
+
+
+def settings(num_clients: int, per_client: int, test_examples: int) -> dict:
+    samples = num_clients * per_client + test_examples
+    return {"dataset-samples": samples, "test-fraction": round(test_examples / samples, 8)}
+
+
+def run_config(num_clients: int, rounds: int, per_client: int, test_examples: int) -> str:
+    s = settings(num_clients, per_client, test_examples)
+    return (
+        f'dataset="mnist1d" model="cnn1d" dataset-samples={s["dataset-samples"]} test-fraction={s["test-fraction"]} '
+        f"val-fraction=0.0 clients-per-round=100 identify-clients=false fraction-evaluate=0.0 local-epochs=1 "
+        f"num-server-rounds={rounds}"
+    )
+
+
+def prepare(num_clients: int, per_client: int, test_examples: int) -> None:
+    """Generate the dataset and the partition table into the on-disk cache (runs in a child process)."""
+    import tomllib
+
+    from common.config import RunConfig
+    from common.data.client_data import _cached_dataset, _partition_table
+
+    defaults = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    overrides = tomllib.loads("\n".join(run_config(num_clients, 1, per_client, test_examples).split(" ")))
+    config = RunConfig.from_run_config(defaults | overrides)
+    t = time.monotonic()
+    data = _cached_dataset(config)
+    t_data = time.monotonic() - t
+    t = time.monotonic()
+    offsets, _ = _partition_table(config, num_clients)
+    t_part = time.monotonic() - t
+    sizes = offsets[1:] - offsets[:-1]
+    print(json.dumps({"data_seconds": t_data, "partition_seconds": t_part, "examples": len(data),
+                      "min_per_client": int(sizes.min()), "max_per_client": int(sizes.max())}))
+
+
+def run_one(num_clients: int, rounds: int, per_client: int, test_examples: int, workdir: Path,
+            timeout: float, profile_seconds: float) -> dict:
+    out_dir = workdir / f"clients-{num_clients}"
+    log_path = workdir / f"clients-{num_clients}.log"
+    command = [
+        str(bench.VENV_PYTHON), str(REPO_ROOT / "scripts" / "simulate.py"), "--num-clients", str(num_clients),
+        "--output-dir", str(out_dir), "--run-config", run_config(num_clients, rounds, per_client, test_examples),
+    ]
+    load_before = bench.load1()
+    started = time.monotonic()
+    marks: dict[str, float] = {}
+    profile_note = ""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=bench.bench_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            with bench.TreeMemory(process.pid) as memory:
+                import threading
+
+                def pump():
+                    for line in process.stdout:
+                        now = time.monotonic() - started
+                        log.write(f"{now:8.2f} {line}")
+                        log.flush()
+                        if "Writing results to" in line:
+                            marks.setdefault("serverapp_started", now)
+                        elif (match := re.search(r"round (\d+)/\d+ ", line)):
+                            marks[f"round_{match.group(1)}"] = now
+
+                reader = threading.Thread(target=pump, daemon=True)
+                reader.start()
+                profiled = False
+                while process.poll() is None and time.monotonic() - started < timeout:
+                    # Profile the simulation process once the first round is done (or late in round 1).
+                    if profile_seconds and not profiled and ("round_1" in marks or time.monotonic() - started > timeout / 2):
+                        profiled = True
+                        profile_note = profile(process.pid, profile_seconds, workdir / f"profile-{num_clients}")
+                    time.sleep(0.5)
+                timed_out = process.poll() is None
+        finally:
+            bench.kill_tree(process)
+            reader.join(timeout=5)
+    wall = time.monotonic() - started
+    result = {"clients": num_clients, "wall": wall, "returncode": process.returncode, "timed_out": timed_out,
+              "peak_rss_gib": memory.peak_rss_gib, "peak_pss_gib": memory.peak_pss_gib,
+              "peak_processes": memory.peak_processes, "marks": marks, "load_before": load_before,
+              "load_after": bench.load1(), "log": str(log_path), "profile": profile_note, "round_seconds": []}
+    metrics = out_dir / "metrics.json"
+    if metrics.exists():
+        result["round_seconds"] = [float(r["seconds"]) for r in json.loads(metrics.read_text())]
+    return result
+
+
+def profile(root: int, seconds: float, out_prefix: Path) -> str:
+    """py-spy (if installed) on the tree's flwr-simulation process: a top-functions summary."""
+    pyspy = bench.VENV_PYTHON.parent / "py-spy"
+    if not pyspy.exists():
+        return ""
+    target = None
+    for pid in bench.tree_pids(root):
+        try:
+            if b"flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                target = pid
+                break
+        except OSError:
+            continue
+    if target is None:
+        return ""
+    raw = out_prefix.with_suffix(".txt")
+    subprocess.run([str(pyspy), "record", "--pid", str(target), "--duration", str(int(seconds)), "--format",
+                    "raw", "--output", str(raw), "--rate", "50", "--nonblocking"],
+                   capture_output=True, text=True, check=False)
+    return str(raw) if raw.exists() else ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="1000,10000,100000", help="comma-separated federation sizes")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--per-client", type=int, default=10, help="training examples per client")
+    parser.add_argument("--test-examples", type=int, default=10_000, help="the server's held-out split")
+    parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per federation before giving up")
+    parser.add_argument("--profile-seconds", type=float, default=0.0, help="py-spy the simulation for this long")
+    parser.add_argument("--max-load", type=float, default=2.5)
+    parser.add_argument("--max-wait", type=float, default=600.0)
+    parser.add_argument("--notes", default="", help="a file whose text is appended to the section")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--prepare", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.prepare:
+        prepare(args.prepare, args.per_client, args.test_examples)
+        return 0
+
+    workdir = Path(tempfile.mkdtemp(prefix="scale-"))
+    print(f"Working in {workdir}", flush=True)
+    rows, failures = [], []
+    for num_clients in [int(c) for c in args.clients.split(",")]:
+        t = time.monotonic()
+        prep = subprocess.run([str(bench.VENV_PYTHON), __file__, "--prepare", str(num_clients), "--per-client",
+                               str(args.per_client), "--test-examples", str(args.test_examples)],
+                              cwd=REPO_ROOT, env=bench.bench_env(), capture_output=True, text=True)
+        if prep.returncode != 0:
+            failures.append(f"- {num_clients:,} clients: data preparation failed: {prep.stderr.strip()[-600:]}")
+            print(failures[-1], flush=True)
+            continue
+        prepared = json.loads(prep.stdout.strip().splitlines()[-1]) | {"seconds": time.monotonic() - t}
+        print(f"{num_clients:,} clients: prepared {prepared}", flush=True)
+        load = bench.wait_for_quiet(args.max_load, args.max_wait)
+        result = run_one(num_clients, args.rounds, args.per_client, args.test_examples, workdir, args.timeout,
+                         args.profile_seconds)
+        result["prepared"], result["load_before"] = prepared, load
+        seconds = result["round_seconds"]
+        later = bench.median(seconds[1:]) if len(seconds) > 1 else float("nan")
+        first_round_at = result["marks"].get("round_1", float("nan"))
+        ok = result["returncode"] == 0 and len(seconds) == args.rounds
+        print(f"{num_clients:,} clients: rc {result['returncode']}, rounds {['%.2f' % s for s in seconds]}, "
+              f"peak RSS {result['peak_rss_gib']:.2f} GiB, PSS {result['peak_pss_gib']:.2f} GiB, "
+              f"wall {result['wall']:.0f}s, load {load:.1f}/{result['load_after']:.1f}", flush=True)
+        if not ok:
+            tail = Path(result["log"]).read_text().splitlines()[-15:]
+            failures.append(f"- {num_clients:,} clients: {'timed out' if result['timed_out'] else 'failed'} "
+                            f"after {result['wall']:.0f}s (exit {result['returncode']}), rounds done: {len(seconds)}; "
+                            f"log tail:\n\n```\n" + "\n".join(tail) + "\n```")
+        rows.append([
+            f"{num_clients:,}", f"{prepared['min_per_client']}-{prepared['max_per_client']}",
+            f"{prepared['examples']:,} ({prepared['data_seconds']:.0f} s + {prepared['partition_seconds']:.0f} s)",
+            "yes" if ok else "NO", f"{first_round_at:.0f}", f"{seconds[0]:.1f}" if seconds else "",
+            f"{later:.2f}", f"{result['peak_rss_gib']:.2f}", f"{result['peak_pss_gib']:.2f}",
+            result["peak_processes"], f"{result['wall']:.0f}",
+            f"{load:.1f} / {result['load_after']:.1f}",
+        ])
+        if result["profile"]:
+            failures.append(f"- {num_clients:,} clients: py-spy profile of flwr-simulation: `{result['profile']}`")
+    goal_rows = [r for r in rows if r[0] == f"{GOAL_CLIENTS:,}" and r[3] == "yes"]
+    if goal_rows:
+        r = goal_rows[0]
+        verdict = (f"Goal (100,000 clients, < {GOAL_GIB:g} GiB, <= {GOAL_SECONDS:g} s per round): "
+                   f"{r[6]} s per round ({'met' if float(r[6]) <= GOAL_SECONDS else 'missed'}), "
+                   f"peak RSS sum {r[7]} GiB / PSS {r[8]} GiB "
+                   f"({'met' if float(r[7]) < GOAL_GIB else 'missed on RSS sum' if float(r[8]) < GOAL_GIB else 'missed'}).")
+    else:
+        verdict = "Goal (100,000 clients): not reached in this run (see below)."
+    notes = Path(args.notes).read_text() if args.notes else ""
+    text = f"""{bench.machine()}
+
+MNIST-1D, `cnn1d`, 100 clients sampled per round (fixed-size, seeded), one local epoch (batch 16),
+`identify-clients=false`, `fraction-evaluate=0`, `val-fraction=0`, {args.rounds} rounds, through
+`scripts/simulate.py` (1 CPU per client: 2 Ray workers). Every client holds ~{args.per_client} training
+examples, the server's held-out split {args.test_examples:,} examples in every row
+(`dataset-samples = N * {args.per_client} + {args.test_examples}`). Seconds per round: median of
+rounds 2..{args.rounds} (round 1 includes starting the Ray workers). Memory: peak over the run of
+the summed RSS / PSS of the whole process tree (simulate.py, SuperLink, flwr-simulation, Ray and
+its workers), sampled every 0.5 s. Data preparation (MNIST-1D generation + partition table)
+is one-off per machine (cached on disk) and done before the timed run.
+
+```bash
+{bench.command_line()}
+```
+
+{bench.table(["clients", "examples per client", "dataset (generate + partition, one-off)", "completed",
+              "round 1 done (s after launch)", "round 1 s", "s per round (median, rounds 2+)",
+              "peak RSS sum GiB", "peak PSS sum GiB", "processes", "wall s", "load before / after"], rows)}
+
+{verdict}
+
+{chr(10).join(failures)}
+
+{notes}
+"""
+    print(text)
+    if not args.no_write:
+        bench.write_section("scale", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
