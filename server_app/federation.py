@@ -233,6 +233,11 @@ class Federation:
                 f"round {server_round}: none of {len(messages)} sampled clients returned an update ({reasons})"
             )
         new_arrays, _ = self.strategy.aggregate_train(server_round, usable)
+        if new_arrays is None:
+            raise RoundFailed(
+                f"round {server_round}: {type(self.strategy).__name__} produced no aggregate from "
+                f"{len(usable)} updates (see its log line above)"
+            )
         return new_arrays, row
 
     def _private_step(self, server_round: int, arrays: ArrayRecord, usable: list[Message]) -> ArrayRecord:

@@ -41,9 +41,27 @@ def expected_clients_per_round(config: RunConfig, num_clients: int) -> int:
     return ClientSampler(config.clients_per_round, 0).sample_size(num_clients)
 
 
+# Byzantine-robust aggregators need enough honest replies to outvote f = num-malicious-nodes.
+MIN_CLIENTS_FOR = {"krum": (2, 3), "multikrum": (2, 3), "bulyan": (4, 3)}  # n >= a*f + b
+
+
+def check_robust_quorum(config: RunConfig, clients_per_round: int) -> None:
+    if config.strategy not in MIN_CLIENTS_FOR:
+        return
+    a, b = MIN_CLIENTS_FOR[config.strategy]
+    needed = a * config.num_malicious_nodes + b
+    if clients_per_round < needed:
+        raise ConfigError(
+            f"strategy = {config.strategy!r} with num-malicious-nodes = {config.num_malicious_nodes} needs at least "
+            f"{a}*{config.num_malicious_nodes}+{b} = {needed} clients per round, but the round has {clients_per_round}; "
+            "lower num-malicious-nodes or sample more clients (clients-per-round, more clients)"
+        )
+
+
 def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
     """Choose sampling, solve or take the noise multiplier, and open the ledger."""
     m = expected_clients_per_round(config, num_clients)
+    check_robust_quorum(config, m)
     if config.dp not in ("server", "client"):
         # Client-side mechanisms: the server's sampling adds no guarantee of its own.
         sampler = EveryoneSampler() if config.sampling == "all" else ClientSampler(config.clients_per_round, config.seed)

@@ -10,18 +10,18 @@ import pytest
 
 @pytest.fixture(scope="session")
 def federation_run(tmp_path_factory):
-    """Run a 10-client federation on the real simulation runtime once per distinct config;
+    """Run a federation on the real simulation runtime once per distinct config;
     tests that need the same run (e.g. a strategy's clean baseline) share it."""
     from simulation import run_app
 
     done: dict[tuple, object] = {}
 
-    def run(**overrides):
+    def run(num_clients: int = 10, **overrides):
         """The output directory of the run with these run-config overrides."""
-        key = tuple(sorted(overrides.items()))
+        key = (num_clients, *sorted(overrides.items()))
         if key not in done:
             out = tmp_path_factory.mktemp("federation")
-            done[key] = run_app({"output-dir": str(out)} | overrides, num_clients=10)
+            done[key] = run_app({"output-dir": str(out)} | overrides, num_clients=num_clients)
         return done[key]
 
     return run

@@ -20,7 +20,6 @@ from common.privacy.clipping import arrays_from_record
 from flower_messages import task_identity
 from server_app.update_validation import reply_problem
 from simulation import read_results, run_app
-from test_simulation_e2e import strategy_settings
 
 SIMULATE = Path(__file__).resolve().parent.parent / "scripts" / "simulate.py"
 DP_RUN = "num-server-rounds=5 dp='server' sampling='poisson' clients-per-round=3 noise-multiplier=0.5 clipping-norm=2.0"
@@ -125,24 +124,33 @@ def test_each_kind_of_malformed_reply_is_named(kind):
     assert problem is not None and expected in problem
 
 
-# 2 of 10 clients send sign-flipped updates scaled 10x.
+# 2 of 11 clients send sign-flipped updates scaled 10x (Bulyan needs n >= 4f + 3 = 11 for f = 2).
 ATTACK = {"attack": "sign-flip", "malicious-clients": 2, "attack-scale": 10.0}
+ATTACK_RUN = {"num_clients": 11, "num-server-rounds": 4, "num-malicious-nodes": 2}
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
 def test_robust_strategies_hold_against_byzantine_clients(federation_run, strategy):
-    settings = strategy_settings(strategy)
-    _, clean = read_results(federation_run(**settings))  # shared with test_simulation_e2e.py
-    _, attacked = read_results(federation_run(**settings, **ATTACK))
+    _, clean = read_results(federation_run(strategy=strategy, **ATTACK_RUN))
+    _, attacked = read_results(federation_run(strategy=strategy, **ATTACK_RUN, **ATTACK))
     assert attacked["final_central_accuracy"] >= clean["final_central_accuracy"] - 0.03, (clean, attacked)
 
 
 @pytest.mark.e2e
 def test_fedavg_fails_under_the_same_attack(federation_run):
-    _, clean = read_results(federation_run(**strategy_settings("fedavg")))
-    _, attacked = read_results(federation_run(**strategy_settings("fedavg"), **ATTACK))
-    assert clean["final_central_accuracy"] > 0.6 and attacked["final_central_accuracy"] < 0.3, (clean, attacked)
+    _, clean = read_results(federation_run(strategy="fedavg", **ATTACK_RUN))
+    _, attacked = read_results(federation_run(strategy="fedavg", **ATTACK_RUN, **ATTACK))
+    assert clean["final_central_accuracy"] > 0.8 and attacked["final_central_accuracy"] < 0.3, (clean, attacked)
+
+
+def test_robust_strategies_refuse_too_few_clients_for_their_f():
+    from common.config import ConfigError, RunConfig
+    from server_app.privacy import plan_privacy
+
+    config = RunConfig.from_run_config({"strategy": "bulyan", "num-malicious-nodes": 2})
+    with pytest.raises(ConfigError, match="needs at least 4\\*2\\+3 = 11 clients per round, but the round has 10"):
+        plan_privacy(config, num_clients=10)
 
 
 def test_checkpoint_keeps_zero_copy_arrays_as_received_in_deployment(tmp_path):
