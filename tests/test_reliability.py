@@ -126,7 +126,7 @@ def test_each_kind_of_malformed_reply_is_named(kind):
 
 # 2 of 11 clients send sign-flipped updates scaled 10x (Bulyan needs n >= 4f + 3 = 11 for f = 2).
 ATTACK = {"attack": "sign-flip", "malicious-clients": 2, "attack-scale": 10.0}
-ATTACK_RUN = {"num_clients": 11, "num-server-rounds": 4, "num-malicious-nodes": 2}
+ATTACK_RUN = {"num_clients": 11, "num-server-rounds": 8, "num-malicious-nodes": 2}
 
 
 @pytest.mark.e2e
