@@ -220,6 +220,11 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             ax.annotate(label, (r["epsilon_reached"], r["final_central_accuracy"]), textcoords="offset points",
                         xytext=(5, 5), fontsize=7)
         ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         level = private[0]["epsilon_level"]
         delta = private[0]["delta"]
         ax.set_xlabel(f"epsilon reached ({level}, delta {delta:g})" if delta else f"epsilon reached ({level})")
@@ -230,7 +235,9 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
                    label=f"non-private ({baseline['final_central_accuracy']:.3f})")
     ax.set_ylabel("central accuracy (held-out split)")
     ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 95)), fontsize=8)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -287,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_nonprivate:
         runs = runs[1:]
     title = f"dp={args.dp}, {args.num_clients} clients; {run_config_text(overrides) or 'defaults'}"
-    if len(title) > 110:
-        title = title[:107] + "..."
+    if len(title) > 280:
+        title = title[:277] + "..."
 
     print(f"[sweep] {len(runs)} runs into {output_dir}", flush=True)
     started = time.monotonic()
