@@ -10,12 +10,14 @@ cumulative over all rounds it trained in (Flower's Opacus example builds a fresh
 round and reports one round only). The local dataset size n_local is treated as public.
 
 With ``target-epsilon`` the noise multiplier is solved before training so that training in
-EVERY planned round (the worst case for this client) ends at the target.
+EVERY planned round (the worst case for this client) ends at the target, with the sample
+rate and step count Opacus's Poisson loader really uses (:func:`sampling_per_epoch`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -39,8 +41,15 @@ class DPSGDResult:
     refused: str = ""  # why training was refused (budget exhausted), or ""
 
 
-def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    return max(1, num_examples // batch_size)
+def sampling_per_epoch(num_examples: int, batch_size: int) -> tuple[float, int]:
+    """(sample rate, steps) of one epoch exactly as Opacus's DPDataLoader does them.
+
+    It takes ceil(n/B) Poisson-sampled batches per epoch, each example with rate 1/ceil(n/B)
+    (not B/n, and not floor(n/B) steps): the accountant must be told the same, or the
+    epsilon it reports misses the target whenever B does not divide n.
+    """
+    batches = math.ceil(num_examples / batch_size)
+    return 1.0 / batches, batches
 
 
 def noise_for(config: RunConfig, num_examples: int) -> float:
@@ -49,8 +58,8 @@ def noise_for(config: RunConfig, num_examples: int) -> float:
         return config.noise_multiplier
     from opacus.accountants.utils import get_noise_multiplier
 
-    sample_rate = min(1.0, config.batch_size / num_examples)
-    steps = config.local_epochs * _steps_per_epoch(num_examples, config.batch_size) * config.num_server_rounds
+    sample_rate, batches = sampling_per_epoch(num_examples, config.batch_size)
+    steps = config.local_epochs * batches * config.num_server_rounds
     return float(
         get_noise_multiplier(
             target_epsilon=config.target_epsilon,
@@ -76,8 +85,8 @@ def train_dpsgd(model: nn.Module, x: np.ndarray, y: np.ndarray, config: RunConfi
 
     logging.getLogger("flwr").propagate = False  # opacus calls logging.basicConfig on import
     sigma = noise_for(config, len(y))
-    sample_rate = min(1.0, config.batch_size / len(y))
-    steps = config.local_epochs * _steps_per_epoch(len(y), config.batch_size)
+    sample_rate, batches = sampling_per_epoch(len(y), config.batch_size)
+    steps = config.local_epochs * batches
     if config.max_epsilon:
         projected = _accountant(history + [(sigma, sample_rate, steps)]).get_epsilon(config.target_delta)
         if projected > config.max_epsilon:

@@ -91,3 +91,14 @@ def test_local_dp_adds_noise_and_accounts_every_release():
     # Clipped to 0.1, then N(0, (2*0.1)^2) per coordinate: the noise dominates the norm.
     assert update_norm(delta) == pytest.approx(0.2 * np.sqrt(num_params), rel=0.05)
     assert 0 < _metrics(first)[LOCAL_EPSILON] < _metrics(second)[LOCAL_EPSILON]
+
+
+def test_dpsgd_target_epsilon_holds_when_the_batch_does_not_divide_the_data(tmp_path):
+    """The noise is solved for Opacus's real sampling (1/ceil(n/B), ceil(n/B) steps per epoch)."""
+    rounds, target = 3, 3.0
+    context = make_context(
+        {"dp": "dpsgd", "target-epsilon": target, "num-server-rounds": rounds, "local-epochs": 1, "batch-size": 16},
+        NODE,
+    )
+    epsilons = [_metrics(train_once(context, r))[SAMPLE_EPSILON] for r in range(1, rounds + 1)]
+    assert 0.95 * target <= epsilons[-1] <= target, epsilons
