@@ -150,43 +150,36 @@ def check_mode(mode: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor, cli
 # ----------------------------------------------------------------------------- timing
 
 
-def time_nonprivate(config: RunConfig, data, nf: int, nc: int, epochs: int, repeats: int, seed: int) -> list[float]:
-    per_epoch = []
+def time_nonprivate(config: RunConfig, data, nf: int, nc: int, epochs: int, seed: int) -> float:
+    """Per-epoch seconds of one ``train_locally`` run of ``epochs`` epochs."""
     cfg = dataclasses.replace(config, local_epochs=epochs)
-    for r in range(repeats):
-        model = build_model(config.model, nf, nc, seed=seed)
-        t = time.perf_counter()
-        train_locally(model, data.x_train, data.y_train, cfg, 0.0, seed + r)
-        per_epoch.append((time.perf_counter() - t) / epochs)
-    return per_epoch
+    model = build_model(config.model, nf, nc, seed=seed)
+    t = time.perf_counter()
+    train_locally(model, data.x_train, data.y_train, cfg, 0.0, seed)
+    return (time.perf_counter() - t) / epochs
 
 
-def time_private(mode: str, config: RunConfig, data, nf: int, nc: int, epochs: int, repeats: int,
-                 seed: int) -> tuple[list[float], list[float]]:
-    """The loop of client_app/dpsgd.py in ``mode``: (per-epoch seconds, make_private seconds) per repeat."""
-    per_epoch, setup = [], []
-    for r in range(repeats):
-        model = build_model(config.model, nf, nc, seed=seed)
-        loader = DataLoader(TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)),
-                            batch_size=config.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed + r))
-        t0 = time.perf_counter()
-        private_model, optimizer, loss_fn, private_loader, _ = _private(
-            mode, model, make_optimizer(model, config), loader, config.noise_multiplier, config.clipping_norm,
-            True, seed + r)
-        private_model.train()
-        t1 = time.perf_counter()
-        for _ in range(epochs):
-            for xb, yb in private_loader:
-                optimizer.zero_grad()
-                loss = loss_fn(private_model(xb), yb)
-                loss.backward()
-                optimizer.step()
-                float(loss.item())
-        t2 = time.perf_counter()
-        setup.append(t1 - t0)
-        per_epoch.append((t2 - t1) / epochs)
-    return per_epoch, setup
+def time_private(mode: str, config: RunConfig, data, nf: int, nc: int, epochs: int, seed: int) -> tuple[float, float, float]:
+    """The loop of client_app/dpsgd.py in ``mode``: (per-epoch s, make_private s, get_epsilon s) of one run."""
+    model = build_model(config.model, nf, nc, seed=seed)
+    loader = DataLoader(TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)),
+                        batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    private_model, optimizer, loss_fn, private_loader, engine = _private(
+        mode, model, make_optimizer(model, config), loader, config.noise_multiplier, config.clipping_norm, True, seed)
+    private_model.train()
+    t1 = time.perf_counter()
+    for _ in range(epochs):
+        for xb, yb in private_loader:
+            optimizer.zero_grad()
+            loss = loss_fn(private_model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            float(loss.item())
+    t2 = time.perf_counter()
+    engine.accountant.get_epsilon(config.target_delta)  # what train_dpsgd reports after training
+    t3 = time.perf_counter()
+    return (t2 - t1) / epochs, t1 - t0, t3 - t2
 
 
 def time_app_call(config: RunConfig, data, nf: int, nc: int, repeats: int, seed: int) -> list[float]:
@@ -260,24 +253,46 @@ def main() -> int:
             print(f"[{name}] correctness {mode}: {correctness_rows[-1][2:]}", flush=True)
 
         load = bench.wait_for_quiet(args.max_load, args.max_wait)
-        base_epoch = bench.median(time_nonprivate(config, data, nf, nc, args.epochs, args.repeats, seed))
-        results = {}
-        for mode in modes:
-            if not correct[mode]:
-                continue
-            try:
-                per_epoch, setup = time_private(mode, config, data, nf, nc, args.epochs, args.repeats, seed)
-                results[mode] = (bench.median(per_epoch), bench.median(setup))
-            except Exception as error:  # noqa: BLE001
-                notes.append(f"- {name}, `{mode}`: training loop failed: {type(error).__name__}: {error}")
+        # Variants interleaved repeat by repeat, so a change in the machine's load hits all alike.
+        variants = ["non-private"] + [m for m in modes if correct[m]]
+        epoch_times = {v: [] for v in variants}
+        setups = {v: [] for v in variants}
+        eps_times = []
+        failed = set()
+        for r in range(args.repeats):
+            for variant in variants:
+                if variant in failed:
+                    continue
+                if variant == "non-private":
+                    epoch_times[variant].append(time_nonprivate(config, data, nf, nc, args.epochs, seed + r))
+                    continue
+                try:
+                    epoch, setup, eps = time_private(variant, config, data, nf, nc, args.epochs, seed + r)
+                except Exception as error:  # noqa: BLE001
+                    failed.add(variant)
+                    notes.append(f"- {name}, `{variant}`: training loop failed: {type(error).__name__}: {error}")
+                    continue
+                epoch_times[variant].append(epoch)
+                setups[variant].append(setup)
+                eps_times.append(eps)
+        base_epoch = bench.median(epoch_times["non-private"])
+        results = {v: (bench.median(epoch_times[v]), bench.median(setups[v]))
+                   for v in variants[1:] if v not in failed and epoch_times[v]}
         load_after = bench.load1()
         timing_rows.append([name, f"{n} train examples, {max(1, n // config.batch_size)} steps/epoch",
                             "non-private (`train_locally`)", f"{base_epoch * 1e3:.1f}", "1.00x", "", f"{load:.1f} / {load_after:.1f}"])
         for mode, (epoch, setup) in results.items():
             timing_rows.append([name, "", f"DP-SGD `{mode}`", f"{epoch * 1e3:.1f}", f"{epoch / base_epoch:.2f}x",
                                 f"{setup * 1e3:.1f}", f"{load:.1f} / {load_after:.1f}"])
-        app_dp = bench.median(time_app_call(config, data, nf, nc, max(3, args.repeats // 3), seed))
-        app_np = bench.median(time_app_nonprivate(config, data, nf, nc, max(3, args.repeats // 3), seed))
+        eps = bench.median(eps_times)
+        timing_rows.append([name, "", "the RDP accountant's `get_epsilon` after training (once per call)",
+                            f"{eps * 1e3:.1f} (per call)", f"{eps / base_epoch:.1f} epochs' worth", "",
+                            f"{load:.1f} / {load_after:.1f}"])
+        calls_dp, calls_np = [], []
+        for r in range(max(3, args.repeats // 3)):  # alternating, as above
+            calls_dp += time_app_call(config, data, nf, nc, 1, seed + r)
+            calls_np += time_app_nonprivate(config, data, nf, nc, 1, seed + r)
+        app_dp, app_np = bench.median(calls_dp), bench.median(calls_np)
         timing_rows.append([name, "", f"whole app call, {config.local_epochs} epochs: `train_dpsgd` (hooks) vs `train_locally`",
                             f"{app_dp * 1e3:.0f} vs {app_np * 1e3:.0f} (per call)", f"{app_dp / app_np:.2f}x", "",
                             f"{bench.load1():.1f}"])

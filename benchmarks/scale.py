@@ -168,6 +168,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1000,10000,100000", help="comma-separated federation sizes")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds-large", type=int, default=4, help="rounds for federations of 100,000 or more")
     parser.add_argument("--per-client", type=int, default=10, help="training examples per client")
     parser.add_argument("--test-examples", type=int, default=10_000, help="the server's held-out split")
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per federation before giving up")
@@ -185,7 +186,7 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="scale-"))
     print(f"Working in {workdir}", flush=True)
-    rows, failures = [], []
+    rows, failures, measured = [], [], []
     for num_clients in [int(c) for c in args.clients.split(",")]:
         t = time.monotonic()
         prep = subprocess.run([str(bench.VENV_PYTHON), __file__, "--prepare", str(num_clients), "--per-client",
@@ -198,13 +199,14 @@ def main() -> int:
         prepared = json.loads(prep.stdout.strip().splitlines()[-1]) | {"seconds": time.monotonic() - t}
         print(f"{num_clients:,} clients: prepared {prepared}", flush=True)
         load = bench.wait_for_quiet(args.max_load, args.max_wait)
-        result = run_one(num_clients, args.rounds, args.per_client, args.test_examples, workdir, args.timeout,
+        rounds = args.rounds_large if num_clients >= 100_000 else args.rounds
+        result = run_one(num_clients, rounds, args.per_client, args.test_examples, workdir, args.timeout,
                          args.profile_seconds)
         result["prepared"], result["load_before"] = prepared, load
         seconds = result["round_seconds"]
         later = bench.median(seconds[1:]) if len(seconds) > 1 else float("nan")
         first_round_at = result["marks"].get("round_1", float("nan"))
-        ok = result["returncode"] == 0 and len(seconds) == args.rounds
+        ok = result["returncode"] == 0 and len(seconds) == rounds
         print(f"{num_clients:,} clients: rc {result['returncode']}, rounds {['%.2f' % s for s in seconds]}, "
               f"peak RSS {result['peak_rss_gib']:.2f} GiB, PSS {result['peak_pss_gib']:.2f} GiB, "
               f"wall {result['wall']:.0f}s, load {load:.1f}/{result['load_after']:.1f}", flush=True)
@@ -214,33 +216,37 @@ def main() -> int:
                             f"after {result['wall']:.0f}s (exit {result['returncode']}), rounds done: {len(seconds)}; "
                             f"log tail:\n\n```\n" + "\n".join(tail) + "\n```")
         rows.append([
-            f"{num_clients:,}", f"{prepared['min_per_client']}-{prepared['max_per_client']}",
+            f"{num_clients:,}", f"{prepared['min_per_client']}-{prepared['max_per_client']}", rounds,
             f"{prepared['examples']:,} ({prepared['data_seconds']:.0f} s + {prepared['partition_seconds']:.0f} s)",
             "yes" if ok else "NO", f"{first_round_at:.0f}", f"{seconds[0]:.1f}" if seconds else "",
             f"{later:.2f}", f"{result['peak_rss_gib']:.2f}", f"{result['peak_pss_gib']:.2f}",
             result["peak_processes"], f"{result['wall']:.0f}",
             f"{load:.1f} / {result['load_after']:.1f}",
         ])
+        measured.append({"clients": num_clients, "ok": ok, "later": later, "rss": result["peak_rss_gib"],
+                         "pss": result["peak_pss_gib"]})
         if result["profile"]:
             failures.append(f"- {num_clients:,} clients: py-spy profile of flwr-simulation: `{result['profile']}`")
-    goal_rows = [r for r in rows if r[0] == f"{GOAL_CLIENTS:,}" and r[3] == "yes"]
-    if goal_rows:
-        r = goal_rows[0]
-        verdict = (f"Goal (100,000 clients, < {GOAL_GIB:g} GiB, <= {GOAL_SECONDS:g} s per round): "
-                   f"{r[6]} s per round ({'met' if float(r[6]) <= GOAL_SECONDS else 'missed'}), "
-                   f"peak RSS sum {r[7]} GiB / PSS {r[8]} GiB "
-                   f"({'met' if float(r[7]) < GOAL_GIB else 'missed on RSS sum' if float(r[8]) < GOAL_GIB else 'missed'}).")
+    big = [r for r in measured if r["clients"] >= GOAL_CLIENTS and r["ok"]]
+    if big:
+        r = big[0]
+        speed = "met" if r["later"] <= GOAL_SECONDS else f"missed: {r['later'] / GOAL_SECONDS:.1f}x the goal"
+        memory = ("met" if r["rss"] < GOAL_GIB else "met on PSS, not on the RSS sum" if r["pss"] < GOAL_GIB
+                  else "missed")
+        verdict = (f"Goal ({GOAL_CLIENTS:,} clients on 2 cores, < {GOAL_GIB:g} GiB, <= {GOAL_SECONDS:g} s per round): "
+                   f"{r['later']:.2f} s per round ({speed}); peak memory {r['rss']:.2f} GiB summed RSS, "
+                   f"{r['pss']:.2f} GiB summed PSS ({memory}).")
     else:
-        verdict = "Goal (100,000 clients): not reached in this run (see below)."
+        verdict = f"Goal ({GOAL_CLIENTS:,} clients): not reached in this run (see below)."
     notes = Path(args.notes).read_text() if args.notes else ""
     text = f"""{bench.machine()}
 
 MNIST-1D, `cnn1d`, 100 clients sampled per round (fixed-size, seeded), one local epoch (batch 16),
-`identify-clients=false`, `fraction-evaluate=0`, `val-fraction=0`, {args.rounds} rounds, through
+`identify-clients=false`, `fraction-evaluate=0`, `val-fraction=0`, {args.rounds} rounds ({args.rounds_large} from 100,000 clients), through
 `scripts/simulate.py` (1 CPU per client: 2 Ray workers). Every client holds ~{args.per_client} training
 examples, the server's held-out split {args.test_examples:,} examples in every row
 (`dataset-samples = N * {args.per_client} + {args.test_examples}`). Seconds per round: median of
-rounds 2..{args.rounds} (round 1 includes starting the Ray workers). Memory: peak over the run of
+rounds 2 and later (round 1 includes starting the Ray workers). Memory: peak over the run of
 the summed RSS / PSS of the whole process tree (simulate.py, SuperLink, flwr-simulation, Ray and
 its workers), sampled every 0.5 s. Data preparation (MNIST-1D generation + partition table)
 is one-off per machine (cached on disk) and done before the timed run.
@@ -249,7 +255,7 @@ is one-off per machine (cached on disk) and done before the timed run.
 {bench.command_line()}
 ```
 
-{bench.table(["clients", "examples per client", "dataset (generate + partition, one-off)", "completed",
+{bench.table(["clients", "examples per client", "rounds", "dataset (generate + partition, one-off)", "completed",
               "round 1 done (s after launch)", "round 1 s", "s per round (median, rounds 2+)",
               "peak RSS sum GiB", "peak PSS sum GiB", "processes", "wall s", "load before / after"], rows)}
 
