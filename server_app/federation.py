@@ -238,7 +238,7 @@ class Federation:
                 f"round {server_round}: {type(self.strategy).__name__} produced no aggregate from "
                 f"{len(usable)} updates (see its log line above)"
             )
-        return new_arrays, row
+        return _with_dtypes_of(arrays, new_arrays), row
 
     def _private_step(self, server_round: int, arrays: ArrayRecord, usable: list[Message]) -> ArrayRecord:
         """Noisy clipped mean first (DP), then the strategy's server step on it (post-processing)."""
@@ -261,7 +261,7 @@ class Federation:
             message_type=MessageType.TRAIN,
         )
         stepped, _ = self.strategy.aggregate_train(server_round, [noisy_reply])
-        return stepped
+        return _with_dtypes_of(arrays, stepped)
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> dict:
         chosen = self.eval_sampler.sample(self.connected_clients())
@@ -271,6 +271,16 @@ class Federation:
         replies, _ = self._exchange(messages)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         return {"federated_loss": _metric(metrics, EVAL_LOSS), "federated_accuracy": _metric(metrics, EVAL_ACCURACY)}
+
+
+def _with_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
+    """The global model keeps its dtypes: FedAdam/FedYogi/FedAdagrad's numpy step returns
+    float64 arrays, which the float32 model (and the reply check) would otherwise inherit."""
+    expected = {name: array.dtype for name, array in reference.items()}
+    if all(arrays[name].dtype == dtype for name, dtype in expected.items()):
+        return arrays
+    values = arrays_from_record(arrays)
+    return record_from_arrays({name: values[name].astype(dtype) for name, dtype in expected.items()})
 
 
 def _metric(record: MetricRecord | None, key: str) -> float | None:
