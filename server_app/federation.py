@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Callable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.common import MessageType
@@ -46,6 +47,10 @@ REPLY_TIMEOUT = 3600.0
 
 class RoundFailed(RuntimeError):
     """No client produced a usable update in a round: training cannot go on."""
+
+
+class Diverged(RuntimeError):
+    """The model cannot improve any more: its aggregate is not finite, or every update was malformed."""
 
 
 class WaitTimeout(RuntimeError):
@@ -152,8 +157,8 @@ class Federation:
                 arrays, row = self.train_round(server_round, arrays)
                 if self.federated_evaluation:
                     row |= self.evaluate_round(server_round, arrays)
-            except WaitTimeout as timeout:
-                reason = f"stopped before finishing round {server_round}: {timeout}"
+            except (WaitTimeout, Diverged) as stop:
+                reason = f"stopped before finishing round {server_round}: {stop}"
                 print(reason, flush=True)
                 return arrays, reason
             row["central_loss"], row["central_accuracy"] = self.central_eval(arrays)
@@ -224,10 +229,11 @@ class Federation:
         if self.privacy.aggregator is not None:
             stepped = self._private_step(server_round, arrays, usable)
             return stepped, row | {"num_clipped": self.tally.num_clipped, "num_rejected": self.tally.num_rejected}
+        if not usable and answered and not refused:
+            raise Diverged(f"every update of round {server_round} was malformed (see the rejections above)")
         if not usable:
             reasons = "; ".join(sorted({m.error.reason for m in failures})) or (
-                "all refused (privacy budget exhausted)" if refused
-                else "all updates malformed" if answered else "no clients sampled"
+                "all refused (privacy budget exhausted)" if refused else "no clients sampled"
             )
             raise RoundFailed(
                 f"round {server_round}: none of {len(messages)} sampled clients returned an update ({reasons})"
@@ -238,7 +244,7 @@ class Federation:
                 f"round {server_round}: {type(self.strategy).__name__} produced no aggregate from "
                 f"{len(usable)} updates (see its log line above)"
             )
-        return _with_dtypes_of(arrays, new_arrays), row
+        return _finite(server_round, _with_dtypes_of(arrays, new_arrays)), row
 
     def _private_step(self, server_round: int, arrays: ArrayRecord, usable: list[Message]) -> ArrayRecord:
         """Noisy clipped mean first (DP), then the strategy's server step on it (post-processing)."""
@@ -271,6 +277,17 @@ class Federation:
         replies, _ = self._exchange(messages)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         return {"federated_loss": _metric(metrics, EVAL_LOSS), "federated_accuracy": _metric(metrics, EVAL_ACCURACY)}
+
+
+def _finite(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+    """The new global model, unless it holds NaN/Inf (then the run stops, keeping the last good one)."""
+    bad = [name for name, array in arrays.items() if not np.all(np.isfinite(array.numpy()))]
+    if bad:
+        raise Diverged(
+            f"the aggregate of round {server_round} has NaN/Inf in {bad[:3]}; the strategy could not "
+            "withstand these updates (try a robust strategy, a smaller learning rate, or clipping)"
+        )
+    return arrays
 
 
 def _with_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
