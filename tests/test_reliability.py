@@ -16,7 +16,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.models import build_model
-from common.privacy.clipping import arrays_from_record
 from flower_messages import task_identity
 from server_app.update_validation import reply_problem
 from simulation import read_results, run_app

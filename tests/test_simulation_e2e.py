@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from common.config import RunConfig
 from common.models import build_model
 from common.names import STRATEGIES
 from simulation import read_results, run_app

@@ -37,12 +37,11 @@ Sampling models (the unit of privacy is one CLIENT, i.e. all of that client's da
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from dp_accounting import dp_event
 
-from common.privacy.composition import ComposedLedger, NeighborRel, check_noise_multiplier
+from common.privacy.composition import ComposedLedger, NeighborRel
 
 SAMPLING_MODELS = ("poisson", "fixed", "all")
 
