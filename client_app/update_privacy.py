@@ -15,7 +15,9 @@ import numpy as np
 
 from common.config import RunConfig
 from common.privacy.clipping import Arrays, apply_delta, clip_update, model_delta
-from common.privacy.local_dp import LocalDpLedger, gaussian_noise_std, laplace_noise_scale
+
+# common.privacy.local_dp pulls in dp-accounting and scipy (~0.7 s): imported only in local mode,
+# since every deployment message starts a fresh process.
 
 
 def clip_for_server(new: Arrays, old: Arrays, clipping_norm: float) -> tuple[Arrays, int]:
@@ -43,6 +45,8 @@ def local_noise_multiplier(config: RunConfig) -> float:
 
 def randomize_locally(new: Arrays, old: Arrays, config: RunConfig, z: float, rng: np.random.Generator) -> Arrays:
     """``local`` mode: clip the update and add Gaussian (L2) or Laplace (L1) noise to it."""
+    from common.privacy.local_dp import gaussian_noise_std, laplace_noise_scale
+
     delta = model_delta(new, old)
     if config.local_mechanism == "gaussian":
         delta, _, _ = clip_update(delta, config.clipping_norm)
@@ -55,7 +59,9 @@ def randomize_locally(new: Arrays, old: Arrays, config: RunConfig, z: float, rng
     return apply_delta(old, noisy)
 
 
-def local_ledger(config: RunConfig, z: float, saved: dict | None) -> LocalDpLedger:
+def local_ledger(config: RunConfig, z: float, saved: dict | None):
+    from common.privacy.local_dp import LocalDpLedger
+
     if saved:
         return LocalDpLedger.from_state_dict(saved["ledger"])
     return LocalDpLedger(config.local_mechanism, z, config.target_delta)
