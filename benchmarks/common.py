@@ -337,8 +337,9 @@ def pyspy_summary(raw_path: str | os.PathLike, rate: int, top: int = 6) -> list[
 
     For each process: its sampled (on-CPU, py-spy's default excludes idle threads) seconds, the
     seconds spent importing each top-level package (stacks inside a module's top-level code,
-    attributed to the OUTERMOST module being imported), and the seconds spent running each
-    package otherwise (the package of the innermost frame).
+    attributed to the INNERMOST module being executed, so torch's own import counts as torch
+    whoever imports it), and the seconds spent running each package otherwise (the package of
+    the innermost frame).
     """
     processes: dict[str, dict] = {}
     for line in Path(raw_path).read_text(errors="replace").splitlines():
@@ -354,11 +355,11 @@ def pyspy_summary(raw_path: str | os.PathLike, rate: int, top: int = 6) -> list[
         info["samples"] += int(count)
         info["pids"].add(label.split(":")[0])
         imported = None
-        for frame in frames[1:]:  # frames[0] is the process's own script (or -c string)
+        for frame in reversed(frames[1:]):  # frames[0] is the process's own script (or -c string)
             if frame.startswith("<module> ("):
                 package = _frame_package(frame)
                 if package and package not in ("<string>", "__main__"):
-                    imported = package
+                    imported = package  # the innermost module being executed: its package's own import cost
                     break
         if imported:
             info["imports"][imported] = info["imports"].get(imported, 0) + int(count)
@@ -382,14 +383,19 @@ def _process_name(label: str) -> str:
         return label
     command = label.split(":", 1)[1].strip('"').split()
     if not command:
-        return "?"
-    words = [Path(w).name for w in command[:3]]
-    if words[0].startswith("python") and len(words) > 1:
-        if words[1] == "-m" and len(words) > 2:
-            return words[2]
-        if words[1] == "-c":
+        return "ray worker (renamed ray::ClientAppActor)"  # Ray rewrites its workers' command line
+    words = [Path(w).name for w in command]
+    if words[0].startswith("python"):
+        rest = words[1:]
+        while rest and rest[0].startswith("-") and rest[0] not in ("-m", "-c"):
+            rest = rest[1:]  # interpreter flags such as -u
+        if not rest:
+            return words[0]
+        if rest[0] == "-m" and len(rest) > 1:
+            return rest[1]
+        if rest[0] == "-c":
             return "python -c"
-        return words[1]
+        return "ray worker" if rest[0] == "default_worker.py" else rest[0]
     return words[0]
 
 
@@ -423,4 +429,4 @@ def pyspy_table(summary: list[dict], min_seconds: float = 0.5) -> str:
             f"{item['import_seconds']:.1f}: " + ", ".join(f"{k} {v:.1f}" for k, v in item["imports"]),
             ", ".join(f"{k} {v:.1f}" for k, v in item["running"]),
         ])
-    return table(["process", "on-CPU s (sampled)", "importing s: by outermost package", "running s: by innermost package"], rows)
+    return table(["process", "on-CPU s (sampled)", "importing s: by package (its own module code)", "running s: by innermost package"], rows)

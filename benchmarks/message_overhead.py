@@ -239,7 +239,7 @@ def supernode_messages(lines: list[tuple[float, str]], node: int) -> list[dict]:
     return messages
 
 
-def run_deployment(rounds: int, workdir: Path, timeout: float) -> dict:
+def run_deployment(rounds: int, workdir: Path, timeout: float, profile: Path | None = None) -> dict:
     home = workdir / "flwr-home"
     home.mkdir()
     port = free_port()
@@ -255,7 +255,10 @@ def run_deployment(rounds: int, workdir: Path, timeout: float) -> dict:
             "--host", "127.0.0.1", "--port", str(port), "--database", str(workdir / "superlink.db"),
         ], env, workdir, started))
         for i in range(NUM_NODES):
-            processes.append(Stamped(f"supernode-{i}", [
+            # With a profile, SuperNode 0 and everything it starts (its flwr-clientapp processes) run under py-spy.
+            spy = [str(venv_bin / "py-spy"), "record", "--subprocesses", "--format", "raw", "--rate", "50",
+                   "--output", str(profile), "--"] if profile and i == 0 else []
+            processes.append(Stamped(f"supernode-{i}", spy + [
                 str(venv_bin / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
                 "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={NUM_NODES}",
             ], env, workdir, started))
@@ -277,7 +280,7 @@ def run_deployment(rounds: int, workdir: Path, timeout: float) -> dict:
                            and a["end"] >= message.get("app_start", -1e9)]
             if overlapping:
                 message["proc_start"], message["proc_end"] = overlapping[0]["start"], overlapping[0]["end"]
-        result = {"status": status, "ready": ready, "run_wall": run_wall,
+        result = {"status": status, "ready": ready, "run_wall": run_wall, "node0": processes[1].process.pid,
                   "round_seconds": [float(r["seconds"]) for r in rows], "clientapps": apps,
                   "messages": sorted(messages, key=lambda m: m.get("received", 0)), "logs": str(workdir)}
         (workdir / "deployment.json").write_text(json.dumps(result, indent=1))
@@ -301,6 +304,8 @@ def main() -> int:
     parser.add_argument("--max-load", type=float, default=2.5)
     parser.add_argument("--max-wait", type=float, default=600.0)
     parser.add_argument("--notes", default="", help="a file whose text is appended to the section")
+    parser.add_argument("--profile", action="store_true",
+                        help="afterwards, one more deployment with SuperNode 0 under py-spy: profile its ClientApp processes")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--training", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -372,6 +377,24 @@ def main() -> int:
                + ("within the goal." if med_in_app <= goal else f"{med_in_app - goal:.2f} s over it."))
                )
     notes = Path(args.notes).read_text() if args.notes else ""
+    if args.profile:
+        raw = workdir / "profile.txt"
+        profile_dir = workdir / "profiled"
+        profile_dir.mkdir()
+        load = bench.wait_for_quiet(args.max_load, args.max_wait)
+        profiled = run_deployment(args.rounds, profile_dir, args.timeout, profile=raw)
+        time.sleep(2)
+        apps = [p for p in bench.pyspy_summary(raw, 50) if p["process"] == "flwr-clientapp"]
+        served = len([m for m in profiled["messages"] if m["node"] == profiled.get("node0")]) or "?"
+        notes += f"""
+Profile: one more deployment ({profiled['status']}) with SuperNode 0 and the flwr-clientapp processes it
+starts under `py-spy record --subprocesses --rate 50` (on-CPU samples), load {load:.1f} / {bench.load1():.1f}.
+The flwr-clientapp processes of SuperNode 0, summed over the messages it served ({served}):
+
+{bench.pyspy_table(apps, 0.0)}
+
+Raw profile: `{raw}`.
+"""
     text = f"""{bench.machine()}
 
 Loopback deployment: `flower-superlink --insecure` + {NUM_NODES} `flower-supernode`s (partition i of {NUM_NODES}),

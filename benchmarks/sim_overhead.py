@@ -209,6 +209,11 @@ def report(rounds: int, flower: list[dict], plain: list[dict], notes: str) -> st
             " / ".join(f"{s:.2f}" for s in p["round_seconds"]), f"imports {p['imports']:.1f}",
             f"{p['final_accuracy']:.4f}", f"{p['load_before']:.1f} / {p['load_after']:.1f}",
         ])
+    pairs = []  # each Flower run with the plain loop run right after it
+    for i, (f, p) in enumerate(zip(flower, plain), 1):
+        pairs.append([i, f"{f['wall'] / p['wall']:.1f}x", f"{f['rounds_sum'] / p['loop']:.2f}x", f"{f['startup']:.1f}",
+                      f"{median(f['round_seconds'][1:]) / median(p['round_seconds'][1:]):.1f}x",
+                      f"{max(f['load_before'], f['load_after'], p['load_before'], p['load_after']):.1f}"])
     wall_a, sum_a, start_a = (median(f[k] for f in flower) for k in ("wall", "rounds_sum", "startup"))
     wall_b, loop_b = median(p["wall"] for p in plain), median(p["loop"] for p in plain)
     later_a = median(s for f in flower for s in f["round_seconds"][1:])
@@ -231,6 +236,8 @@ def report(rounds: int, flower: list[dict], plain: list[dict], notes: str) -> st
          "load before / after"],
         rows,
     )
+    paired = table(["pair", "wall(a)/wall(b)", "rounds(a)/loop(b)", "start-up of (a) s", "later round (a)/(b)",
+                    "highest load seen"], pairs)
     return f"""{machine()}
 
 Digits, `mlp`, {NUM_CLIENTS} clients, all {NUM_CLIENTS} every round, {rounds} rounds, the app's defaults otherwise
@@ -243,6 +250,11 @@ training as a plain loop in one process on one torch thread (`train_locally`, Fe
 ```
 
 {summary}
+
+Run by run (each Flower run with the plain loop run right after it; the machine's load differed
+between pairs, so compare within a pair):
+
+{paired}
 
 {runs}
 
