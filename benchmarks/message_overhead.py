@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -286,6 +287,13 @@ def run_deployment(rounds: int, workdir: Path, timeout: float, profile: Path | N
         (workdir / "deployment.json").write_text(json.dumps(result, indent=1))
         return result
     finally:
+        if profile and len(processes) > 1:  # py-spy writes its profile when interrupted (SIGINT), not on SIGTERM
+            spy = processes[1].process
+            try:
+                os.kill(spy.pid, signal.SIGINT)
+                spy.wait(timeout=60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
         for stamped in reversed(processes):
             bench.kill_tree(stamped.process)
         leftovers = [p for s in processes for p in bench.tree_pids(s.process.pid) if bench._alive(p)]
@@ -384,7 +392,7 @@ def main() -> int:
         load = bench.wait_for_quiet(args.max_load, args.max_wait)
         profiled = run_deployment(args.rounds, profile_dir, args.timeout, profile=raw)
         time.sleep(2)
-        apps = [p for p in bench.pyspy_summary(raw, 50) if p["process"] == "flwr-clientapp"]
+        apps = [p for p in bench.pyspy_summary(raw, 50) if p["process"] == "flwr-clientapp"] if raw.exists() else []
         served = len([m for m in profiled["messages"] if m["node"] == profiled.get("node0")]) or "?"
         notes += f"""
 Profile: one more deployment ({profiled['status']}) with SuperNode 0 and the flwr-clientapp processes it

@@ -52,6 +52,18 @@ def _load_bench_common():
 bench = _load_bench_common()
 
 GOAL_CLIENTS, GOAL_GIB, GOAL_SECONDS = 100_000, 8.0, 5.0
+PROBE_START, PROBE_END = "<!-- scale-probe:start -->", "<!-- scale-probe:end -->"
+NOTES_START, NOTES_END = "<!-- scale-notes:start -->", "<!-- scale-notes:end -->"
+PROBE_TEXT = """Flower's own per-client state, probed apart (a fresh process runs the simulation engine's real
+`_register_nodes` and `_register_node_info_stores` for N clients; RSS growth): every simulated
+client gets a LinkState node record and a `Context` holding the whole run config, fused from
+the app's `pyproject.toml` once per client, whether it ever trains or not.
+
+```bash
+.venv/bin/python benchmarks/scale.py --clients "" --node-state 10000,100000   # the probe alone
+```
+
+{probe}"""
 
 
 def settings(num_clients: int, per_client: int, test_examples: int) -> dict:
@@ -87,6 +99,37 @@ def prepare(num_clients: int, per_client: int, test_examples: int) -> None:
     sizes = offsets[1:] - offsets[:-1]
     print(json.dumps({"data_seconds": t_data, "partition_seconds": t_part, "examples": len(data),
                       "min_per_client": int(sizes.min()), "max_per_client": int(sizes.max())}))
+
+
+def node_state_probe(num_clients: int) -> dict:
+    """What Flower's simulation engine keeps per simulated client before any training (runs in a
+    child process): the real ``_register_nodes`` (LinkState node records) and
+    ``_register_node_info_stores`` (a Context per node, with the run config fused from the app's
+    pyproject.toml for EVERY node) of ``flwr/server/superlink/fleet/vce/vce_api.py``."""
+    from flwr.server.superlink.fleet.vce.vce_api import _register_node_info_stores, _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.superlink.federation import NoOpFederationManager
+
+    def rss_mib() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    run = Run.create_empty(run_id=1)
+    run.override_config = {"dataset": "mnist1d", "model": "cnn1d"}
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    r0, t0 = rss_mib(), time.monotonic()
+    mapping = _register_nodes(num_clients, factory)
+    r1, t1 = rss_mib(), time.monotonic()
+    stores = _register_node_info_stores(mapping, run, app_dir=str(REPO_ROOT))
+    r2, t2 = rss_mib(), time.monotonic()
+    assert len(stores) == num_clients
+    return {"clients": num_clients, "nodes_seconds": t1 - t0, "nodes_mib": r1 - r0,
+            "contexts_seconds": t2 - t1, "contexts_mib": r2 - r1}
 
 
 def run_one(num_clients: int, rounds: int, per_client: int, test_examples: int, workdir: Path,
@@ -175,11 +218,18 @@ def main() -> int:
     parser.add_argument("--profile-seconds", type=float, default=0.0, help="py-spy the simulation for this long")
     parser.add_argument("--max-load", type=float, default=2.5)
     parser.add_argument("--max-wait", type=float, default=600.0)
-    parser.add_argument("--notes", default="", help="a file whose text is appended to the section")
+    parser.add_argument("--notes", default="",
+                        help="a file whose text ends the section (with --clients '' it replaces the earlier notes)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--node-state", default="10000,100000",
+                        help="federation sizes for the probe of Flower's per-client state ('' to skip)")
     parser.add_argument("--prepare", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.probe:
+        print(json.dumps(node_state_probe(args.probe)))
+        return 0
     if args.prepare:
         prepare(args.prepare, args.per_client, args.test_examples)
         return 0
@@ -187,7 +237,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="scale-"))
     print(f"Working in {workdir}", flush=True)
     rows, failures, measured = [], [], []
-    for num_clients in [int(c) for c in args.clients.split(",")]:
+    for num_clients in [int(c) for c in args.clients.split(",") if c]:
         t = time.monotonic()
         prep = subprocess.run([str(bench.VENV_PYTHON), __file__, "--prepare", str(num_clients), "--per-client",
                                str(args.per_client), "--test-examples", str(args.test_examples)],
@@ -227,6 +277,48 @@ def main() -> int:
                          "pss": result["peak_pss_gib"]})
         if result["profile"]:
             failures.append(f"- {num_clients:,} clients: py-spy profile of flwr-simulation: `{result['profile']}`")
+    probe_rows = []
+    for num_clients in [int(c) for c in args.node_state.split(",") if c]:
+        load = bench.wait_for_quiet(args.max_load, args.max_wait)
+        out = subprocess.run([str(bench.VENV_PYTHON), __file__, "--probe", str(num_clients)], cwd=REPO_ROOT,
+                             env=bench.bench_env(), capture_output=True, text=True)
+        if out.returncode != 0:
+            failures.append(f"- probe of {num_clients:,} clients failed: {out.stderr.strip()[-400:]}")
+            continue
+        p = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"probe: {p}", flush=True)
+        probe_rows.append([f"{num_clients:,}", f"{p['nodes_seconds']:.1f}", f"{p['nodes_mib']:.0f}",
+                           f"{p['contexts_seconds']:.1f}", f"{p['contexts_mib']:.0f}",
+                           f"{(p['nodes_mib'] + p['contexts_mib']) * 2**20 / num_clients / 1024:.1f}",
+                           f"{load:.1f} / {bench.load1():.1f}"])
+    probe = bench.table(["clients", "register nodes s", "MiB", "a Context per node s", "MiB", "KiB per client",
+                         "load"], probe_rows) if probe_rows else ""
+    probe_block = PROBE_START + "\n" + PROBE_TEXT.format(probe=probe) + "\n" + PROBE_END
+    notes = Path(args.notes).read_text() if args.notes else ""
+    if not measured:  # probe only: keep the federations' table already in results.md
+        text = bench.RESULTS.read_text() if bench.RESULTS.exists() else ""
+        start, end = text.find("<!-- scale:start -->"), text.find("<!-- scale:end -->")
+        body = text[start:end] if 0 <= start < end else ""
+        if not body:
+            print("results.md has no scale section to add the probe to: run the federations too", file=sys.stderr)
+            return 1
+        body = body.split("\n", 3)[3]  # drop the start marker, the heading and the blank line
+        if probe_rows:
+            if PROBE_START in body:
+                body = body[: body.index(PROBE_START)] + probe_block + body[body.index(PROBE_END) + len(PROBE_END):]
+            else:  # an older section: the probe goes after the verdict
+                anchor = body.index("\n\n", body.index("Goal (")) if "Goal (" in body else len(body)
+                body = body[:anchor] + "\n\n" + probe_block + body[anchor:]
+        if notes:  # --notes replaces the notes block (the analysis) at the end of the section
+            block = NOTES_START + "\n" + notes.strip() + "\n" + NOTES_END
+            if NOTES_START in body:
+                body = body[: body.index(NOTES_START)] + block + body[body.index(NOTES_END) + len(NOTES_END):]
+            else:
+                body = body.rstrip() + "\n\n" + block + "\n"
+        print(body)
+        if not args.no_write:
+            bench.write_section("scale", body)
+        return 0
     big = [r for r in measured if r["clients"] >= GOAL_CLIENTS and r["ok"]]
     if big:
         r = big[0]
@@ -238,7 +330,7 @@ def main() -> int:
                    f"{r['pss']:.2f} GiB summed PSS ({memory}).")
     else:
         verdict = f"Goal ({GOAL_CLIENTS:,} clients): not reached in this run (see below)."
-    notes = Path(args.notes).read_text() if args.notes else ""
+    notes = NOTES_START + "\n" + notes.strip() + "\n" + NOTES_END if notes else ""
     text = f"""{bench.machine()}
 
 MNIST-1D, `cnn1d`, 100 clients sampled per round (fixed-size, seeded), one local epoch (batch 16),
@@ -260,6 +352,8 @@ is one-off per machine (cached on disk) and done before the timed run.
               "peak RSS sum GiB", "peak PSS sum GiB", "processes", "wall s", "load before / after"], rows)}
 
 {verdict}
+
+{probe_block}
 
 {chr(10).join(failures)}
 

@@ -178,6 +178,54 @@ def plain_loop(rounds: int) -> dict:
     return {"imports": imports, "loop": loop, "round_seconds": round_seconds, "final_accuracy": accuracy}
 
 
+def cold_client() -> dict:
+    """What a fresh client process (a Ray worker's first message, or a deployment message) pays
+    before and around its training, step by step (runs inside a fresh interpreter: see --cold)."""
+    import sys as _sys
+
+    t0 = time.perf_counter()
+    import torch
+
+    t1 = time.perf_counter()
+    import client_app.app  # noqa: F401  (what the ClientApp module pulls in beyond torch)
+
+    t2 = time.perf_counter()
+    import tomllib
+
+    from client_app.training import train_locally
+    from common.config import NodeConfig, RunConfig
+    from common.data.client_data import load_client_data
+    from common.models import build_model
+
+    defaults = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    config = RunConfig.from_run_config(defaults | {"dataset": "digits", "model": "mlp"})
+    node = NodeConfig.from_node_config({"partition-id": 0, "num-partitions": NUM_CLIENTS})
+    t3 = time.perf_counter()
+    data = load_client_data(config, node, 64, 10)
+    t4 = time.perf_counter()
+    model = build_model(config.model, 64, 10)
+    t5 = time.perf_counter()
+    torch.optim.SGD(model.parameters(), lr=0.1)  # the first optimizer imports torch._dynamo (and sympy)
+    t6 = time.perf_counter()
+    train_locally(model, data.x_train, data.y_train, config, 0.0, 1)
+    t7 = time.perf_counter()
+    train_locally(model, data.x_train, data.y_train, config, 0.0, 2)
+    t8 = time.perf_counter()
+    return {"import torch": t1 - t0, "import client_app.app (beyond torch)": t2 - t1,
+            "first load_client_data (digits)": t4 - t3, "first torch.optim.SGD()": t6 - t5,
+            "first train_locally (5 epochs)": t7 - t6, "second train_locally": t8 - t7,
+            "modules": {m: m in _sys.modules for m in ("sklearn", "scipy", "dp_accounting", "sympy", "opacus")}}
+
+
+def run_cold(repeats: int, workdir: Path) -> list[dict]:
+    results = []
+    for i in range(repeats):
+        out = workdir / f"cold-{i}.json"
+        subprocess.run([str(VENV_PYTHON), __file__, "--cold", str(out)], cwd=REPO, env=bench_env(), check=True)
+        results.append(json.loads(out.read_text()))
+    return results
+
+
 def run_plain(rounds: int, workdir: Path) -> dict:
     out = workdir / f"plain-{time.strftime('%H%M%S')}.json"
     load_before = load1()
@@ -273,8 +321,12 @@ def main() -> int:
                         help="after the measured runs, run (a) once more under py-spy (all processes) and add the profile")
     parser.add_argument("--no-write", action="store_true", help="print only; leave results.md alone")
     parser.add_argument("--plain-loop", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--cold", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.cold:  # a child: one cold client
+        Path(args.cold).write_text(json.dumps(cold_client()))
+        return 0
     if args.plain_loop:  # the child process of (b)
         Path(args.plain_loop).write_text(json.dumps(plain_loop(args.rounds)))
         return 0
@@ -312,6 +364,17 @@ Raw profile: `{raw}`.
 
 {_bench.pyspy_table(summary)}
 """
+    load = wait_for_quiet(args.max_load, args.max_wait)
+    cold = run_cold(3, workdir)
+    steps = [k for k in cold[0] if k != "modules"]
+    cold_rows = [[k, f"{median(c[k] for c in cold):.2f}", " / ".join(f"{c[k]:.2f}" for c in cold)] for k in steps]
+    loaded = ", ".join(f"{m} {'yes' if v else 'no'}" for m, v in cold[0]["modules"].items())
+    notes = f"""A cold client, step by step: a fresh interpreter does what a Ray worker does for its first
+message (and a deployment `flwr-clientapp` process for every message), timed in place (3 runs,
+load {load:.1f} / {load1():.1f}). Loaded at the end: {loaded}.
+
+{table(["step", "median s", "runs s"], cold_rows)}
+""" + notes
     text = report(args.rounds, flower, plain, notes)
     print(text)
     if not args.no_write:
