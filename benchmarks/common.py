@@ -430,3 +430,26 @@ def pyspy_table(summary: list[dict], min_seconds: float = 0.5) -> str:
             ", ".join(f"{k} {v:.1f}" for k, v in item["running"]),
         ])
     return table(["process", "on-CPU s (sampled)", "importing s: by package (its own module code)", "running s: by innermost package"], rows)
+
+
+def update_notes(name: str, notes: str) -> None:
+    """Replace (or add) the analysis notes at the end of section ``name`` without re-measuring:
+    the block between ``<!-- name-notes:start -->`` and ``<!-- name-notes:end -->``."""
+    start_mark, end_mark = f"<!-- {name}-notes:start -->", f"<!-- {name}-notes:end -->"
+    block = f"{start_mark}\n{notes.strip()}\n{end_mark}"
+    with open(RESULTS, "r+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            text = handle.read()
+            end = text.index(_marker(name, end=True))
+            if start_mark in text:
+                s, e = text.index(start_mark), text.index(end_mark) + len(end_mark)
+                text = text[:s] + block + text[e:]
+            else:
+                text = text[:end].rstrip("\n") + "\n\n" + block + "\n" + text[end:]
+            handle.seek(0)
+            handle.truncate()
+            handle.write(text)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    print(f"Updated the notes of section '{name}' in {RESULTS}", flush=True)

@@ -215,8 +215,13 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--max-load", type=float, default=2.5)
     parser.add_argument("--max-wait", type=float, default=600.0)
+    parser.add_argument("--notes-only", metavar="FILE",
+                        help="only replace the analysis notes of this section in results.md with FILE (no measurement)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.notes_only:
+        bench.update_notes("dpsgd_cost", Path(args.notes_only).read_text())
+        return 0
     modes = [m for m in args.modes.split(",") if m]
     torch.set_num_threads(1)  # as the ClientApp does
     seed = 42

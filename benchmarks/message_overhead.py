@@ -314,9 +314,14 @@ def main() -> int:
     parser.add_argument("--notes", default="", help="a file whose text is appended to the section")
     parser.add_argument("--profile", action="store_true",
                         help="afterwards, one more deployment with SuperNode 0 under py-spy: profile its ClientApp processes")
+    parser.add_argument("--notes-only", metavar="FILE",
+                        help="only replace the analysis notes of this section in results.md with FILE (no measurement)")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--training", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.notes_only:
+        bench.update_notes("message_overhead", Path(args.notes_only).read_text())
+        return 0
     if args.training:  # child: training time in a fresh process
         Path(args.training).write_text(json.dumps(training_seconds(args.rounds)))
         return 0

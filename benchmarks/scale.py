@@ -341,7 +341,9 @@ examples, the server's held-out split {args.test_examples:,} examples in every r
 rounds 2 and later (round 1 includes starting the Ray workers). Memory: peak over the run of
 the summed RSS / PSS of the whole process tree (simulate.py, SuperLink, flwr-simulation, Ray and
 its workers), sampled every 0.5 s. Data preparation (MNIST-1D generation + partition table)
-is one-off per machine (cached on disk) and done before the timed run.
+fills the shared on-disk cache the clients read, before the timed run (0-1 s when already warm);
+the ServerApp keeps its own cache under `output-dir` and so regenerates the data in every run
+(inside "round 1 done", see the notes).
 
 ```bash
 {bench.command_line()}

@@ -319,10 +319,15 @@ def main() -> int:
     parser.add_argument("--notes", default="", help="a file whose text is appended to the section")
     parser.add_argument("--profile", action="store_true",
                         help="after the measured runs, run (a) once more under py-spy (all processes) and add the profile")
+    parser.add_argument("--notes-only", metavar="FILE",
+                        help="only replace the analysis notes of this section in results.md with FILE (no measurement)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave results.md alone")
     parser.add_argument("--plain-loop", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--cold", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.notes_only:
+        _bench.update_notes("sim_overhead", Path(args.notes_only).read_text())
+        return 0
 
     if args.cold:  # a child: one cold client
         Path(args.cold).write_text(json.dumps(cold_client()))
