@@ -10,13 +10,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from client_app.sgd import MomentumSGD
 from common.config import RunConfig
 
 
 def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """A ``torch.optim`` optimizer: what Opacus's DP-SGD wraps."""
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+
+
+def local_optimizer(model: nn.Module, config: RunConfig) -> MomentumSGD | torch.optim.Optimizer:
+    """The same update as :func:`make_optimizer`, with SGD built without ``torch.optim`` (see sgd.py)."""
+    if config.optimizer == "sgd":
+        return MomentumSGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+    return make_optimizer(model, config)
 
 
 def train_locally(
@@ -29,7 +38,7 @@ def train_locally(
 ) -> float:
     """Train ``model`` in place for ``local-epochs``; return the mean training loss."""
     generator = np.random.default_rng(seed)
-    optimizer = make_optimizer(model, config)
+    optimizer = local_optimizer(model, config)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     x_all, y_all = torch.from_numpy(x), torch.from_numpy(y)
     model.train()

@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent.parent
+APP_PARTS = ("pyproject.toml", "common", "client_app", "server_app")
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -76,6 +77,25 @@ def stop_process_group(process: subprocess.Popen) -> None:
             continue
 
 
+def stage_app(home: Path) -> Path:
+    """A copy of just the app under ``home``: what `flwr run` bundles.
+
+    Flower 1.41 builds the bundle by walking every file under the app directory (the
+    ~47,000 files of a local `.venv/` included) before applying `.gitignore`: ~2.5 s per
+    submission. The copy holds only what the bundle would contain anyway.
+    """
+    staged = home / "app"
+    staged.mkdir()
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in APP_PARTS:
+        source = APP_DIR / part
+        if source.is_dir():
+            shutil.copytree(source, staged / part, ignore=skip)
+        else:
+            shutil.copy2(source, staged / part)
+    return staged
+
+
 def run_status(env: dict, run_id: str) -> str:
     out = subprocess.run(
         [flwr_bin("flwr"), "ls", "sim", "--run-id", run_id, "--format", "json"],
@@ -122,7 +142,7 @@ def main() -> int:
         wait_healthy(http_port, superlink, log_file)
         federation = f"num-supernodes={args.num_clients} client-resources-num-cpus={args.cpus_per_client}"
         command = [
-            flwr_bin("flwr"), "run", str(APP_DIR), "sim", "--stream",
+            flwr_bin("flwr"), "run", str(stage_app(home)), "sim", "--stream",
             "--run-config", run_config, "--federation-config", federation,
         ]
         print("$ " + " ".join(command), flush=True)

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from logging import INFO
+from typing import TYPE_CHECKING
 
 from flwr.common.logger import log
 
 from common.config import ConfigError, RunConfig
-from common.privacy.accounting import UserLevelLedger
 from common.privacy.adaptive_clipping import AdaptiveClipping
-from common.privacy.calibration import solve_noise_multiplier
 from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler
 from server_app.user_level_dp import UserLevelDP
+
+if TYPE_CHECKING:
+    from common.privacy.accounting import UserLevelLedger
 
 
 @dataclass
@@ -66,6 +68,10 @@ def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
         # Client-side mechanisms: the server's sampling adds no guarantee of its own.
         sampler = EveryoneSampler() if config.sampling == "all" else ClientSampler(config.clients_per_round, config.seed)
         return PrivacyPlan(sampler, m)
+
+    # Imported here: dp-accounting (and scipy) cost ~0.8 s of start-up, only needed with user-level DP.
+    from common.privacy.accounting import UserLevelLedger
+    from common.privacy.calibration import solve_noise_multiplier
 
     if config.sampling == "poisson":
         sampler = PoissonSampler(m / num_clients, config.seed)

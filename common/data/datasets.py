@@ -32,12 +32,20 @@ class Dataset:
 
 
 def _digits(config: RunConfig, cache_root: str | None) -> Dataset:
-    """sklearn's bundled 8x8 handwritten digits (1,797 images): no download, ever."""
-    from sklearn.datasets import load_digits
+    """sklearn's bundled 8x8 handwritten digits (1,797 images): no download, ever.
 
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    return Dataset(x, bunch.target.astype(np.int64), 10)
+    Read from the on-disk cache after the first time: importing scikit-learn (and scipy)
+    costs ~1 s, paid by every deployment message and every simulation worker otherwise.
+    """
+
+    def load() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return {"x": (bunch.data / 16.0).astype(np.float32), "y": bunch.target.astype(np.int64)}
+
+    data = cached_arrays("digits-v1", load, cache_root)
+    return Dataset(data["x"], data["y"], 10)
 
 
 def _mnist1d(config: RunConfig, cache_root: str | None) -> Dataset:
