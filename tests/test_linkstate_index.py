@@ -1,0 +1,185 @@
+"""server_app/linkstate_index.py on Flower 1.41's real in-memory LinkState and simulation engine.
+
+The same script of stores and engine sweeps runs against ``InMemoryLinkState`` as Flower ships
+it and with the wrappers installed; both must hand out exactly the same messages, in the same
+sweeps, including a message stored for a node right after a sweep found it empty, messages
+stored before the wrappers were installed, ``limit`` > 1 and ``run_id`` filters. A second test
+runs Flower's own sweep thread (``add_messages_to_queue``) against concurrent stores.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from queue import Empty, Queue
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
+from flwr.server.superlink.fleet.vce.vce_api import _register_nodes, add_messages_to_queue
+from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
+
+from flower_messages import task_identity
+from server_app import linkstate_index
+
+NUM_NODES = 40
+
+
+@pytest.fixture
+def pristine(monkeypatch):
+    """InMemoryLinkState as Flower ships it for this test (an in-process simulation test may
+    already have installed the wrappers); whatever was there is restored afterwards."""
+    for name in ("get_message_ins", "store_message_ins"):
+        method = getattr(InMemoryLinkState, name)
+        while getattr(method, linkstate_index._MARK, False):
+            method = method.__wrapped__
+        monkeypatch.setattr(InMemoryLinkState, name, method)
+    assert not getattr(InMemoryLinkState.get_message_ins, linkstate_index._MARK, False)
+
+
+class Federation:
+    """A real InMemoryLinkState with a run and NUM_NODES nodes registered by the simulation
+    engine's own ``_register_nodes``; messages pushed through the real ``InMemoryGrid``."""
+
+    def __init__(self, num_nodes: int = NUM_NODES, runs: tuple[int, ...] = (1,)):
+        factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+        self.state = factory.state()
+        for run_id in runs:
+            run = Run.create_empty(run_id=run_id)
+            run.primary_task_id, run.federation_id = run_id, NOOP_FEDERATION_ID
+            self.state.run_ids[run_id] = RunRecord(run=run)
+            self.state.task_store[run_id] = Task(task_id=run_id, run_id=run_id)
+        self.mapping = _register_nodes(num_nodes, factory)  # node id -> partition id
+        self.node_ids = list(self.mapping)
+        self.grids = {}
+        for run_id in runs:
+            self.grids[run_id] = InMemoryGrid(state_factory=factory)
+            self.grids[run_id].set_run(self.state.run_ids[run_id].run)
+
+    def push(self, partition: int, tag: str, run_id: int = 1) -> None:
+        with task_identity(run_id=run_id, task_id=run_id):
+            message = Message(RecordDict({"c": ConfigRecord({"tag": tag})}), self.node_ids[partition], "train")
+            assert len(list(self.grids[run_id].push_messages([message]))) == 1
+
+    def delivered(self, messages) -> list[tuple[int, str]]:
+        return [(self.mapping[m.metadata.dst_node_id], m.content["c"]["tag"]) for m in messages]
+
+    def sweep(self) -> list[tuple[int, str]]:
+        """One pass of the engine's loop body (vce_api.py add_messages_to_queue, lines 176-179)."""
+        out = []
+        for node_id in self.mapping.keys():
+            out += self.delivered(self.state.get_message_ins(node_id=node_id, limit=1))
+        return out
+
+
+def script(install: bool) -> list:
+    """Stores and sweeps; returns what each step delivered."""
+    fed = Federation(runs=(1, 2))
+    log = []
+    fed.push(3, "before-install-a")
+    fed.push(3, "before-install-b")  # two for one node: limit=1 delivers them in two sweeps
+    fed.push(30, "before-install-c")
+    if install:
+        assert linkstate_index.install()
+        assert linkstate_index.install()  # idempotent
+    log.append(("sweep 1", fed.sweep()))
+    log.append(("sweep 2", fed.sweep()))
+    log.append(("sweep 3 (all empty)", fed.sweep()))
+    fed.push(7, "after-an-empty-sweep")  # node 7 was just found empty
+    fed.push(3, "node-3-again")
+    log.append(("sweep 4", fed.sweep()))
+    log.append(("sweep 5 (all empty)", fed.sweep()))
+    for i in range(5):
+        fed.push(12, f"batch-{i}")
+    node_12 = fed.node_ids[12]
+    log.append(("limit 2", fed.delivered(fed.state.get_message_ins(node_12, limit=2))))
+    log.append(("limit 2 again", fed.delivered(fed.state.get_message_ins(node_12, limit=2))))
+    log.append(("limit None", fed.delivered(fed.state.get_message_ins(node_12, limit=None))))
+    log.append(("limit None, empty", fed.delivered(fed.state.get_message_ins(node_12, limit=None))))
+    fed.push(20, "run-2", run_id=2)
+    fed.push(20, "run-1", run_id=1)
+    node_20 = fed.node_ids[20]
+    log.append(("run 1 only", fed.delivered(fed.state.get_message_ins(node_20, limit=None, run_id=1))))
+    log.append(("run 1 only, empty", fed.delivered(fed.state.get_message_ins(node_20, limit=None, run_id=1))))
+    log.append(("sweep 6 (run 2 left)", fed.sweep()))
+    log.append(("sweep 7 (all empty)", fed.sweep()))
+    with pytest.raises(AssertionError, match="limit"):
+        fed.state.get_message_ins(fed.node_ids[0], limit=0)  # Flower's own check still applies
+    return log
+
+
+def test_patched_state_delivers_exactly_what_flower_delivers(pristine):
+    reference = script(install=False)
+    patched = script(install=True)
+    assert patched == reference
+    as_dict = dict(reference)  # and the script does test what it says
+    assert as_dict["sweep 1"] == [(3, "before-install-a"), (30, "before-install-c")]
+    assert as_dict["sweep 2"] == [(3, "before-install-b")]
+    assert as_dict["sweep 4"] == [(3, "node-3-again"), (7, "after-an-empty-sweep")]
+    assert as_dict["limit 2"] == [(12, "batch-0"), (12, "batch-1")]
+    assert as_dict["limit None"] == [(12, "batch-4")]
+    assert as_dict["run 1 only"] == [(20, "run-1")] and as_dict["sweep 6 (run 2 left)"] == [(20, "run-2")]
+    assert not any(as_dict[k] for k in as_dict if "empty" in k)
+
+
+def test_idle_nodes_cost_no_scan_of_the_stored_messages(pristine):
+    assert linkstate_index.install()
+    fed = Federation(num_nodes=200)
+    for partition in (5, 50, 150):
+        fed.push(partition, f"m{partition}")
+    scans = []
+    original_check = fed.state._check_stored_messages
+    fed.state._check_stored_messages = lambda ids, run_id=None: (scans.append(1), original_check(ids, run_id))[1]
+    assert sorted(fed.sweep()) == [(5, "m5"), (50, "m50"), (150, "m150")]
+    # Only the 3 nodes with a message ran Flower's scan (of at most the 3 stored messages each):
+    # unpatched, all 200 nodes would (~600 checks).
+    assert 0 < len(scans) <= 3 * 3
+    scans.clear()
+    assert fed.sweep() == [] and len(scans) == 3 * 3  # each found empty once, then dropped
+    scans.clear()
+    assert fed.sweep() == [] and scans == []
+
+
+def test_flowers_sweep_thread_delivers_every_concurrently_stored_message_once(pristine):
+    assert linkstate_index.install()
+    fed = Federation(num_nodes=300)
+    queue: Queue = Queue()
+    stop = threading.Event()
+    sweeper = threading.Thread(target=add_messages_to_queue, args=(fed.state, queue, fed.mapping, stop), daemon=True)
+    sweeper.start()
+    expected = []
+    try:
+        for i in range(400):  # stores land before, during and after the sweeps reach each node
+            partition = (i * 37) % 300 if i % 20 else 7  # node 7 gets several: one per sweep
+            fed.push(partition, f"t{i}")
+            expected.append((partition, f"t{i}"))
+            if i % 50 == 0:
+                time.sleep(0.15)  # let a sweep find the nodes empty, then store again
+        got = []
+        deadline = time.monotonic() + 60
+        while len(got) < len(expected) and time.monotonic() < deadline:
+            try:
+                got += fed.delivered([queue.get(timeout=1)])
+            except Empty:
+                pass
+        time.sleep(0.5)  # nothing delivered twice
+        while not queue.empty():
+            got += fed.delivered([queue.get_nowait()])
+    finally:
+        stop.set()
+        sweeper.join(timeout=5)
+    assert sorted(got) == sorted(expected)
+
+
+def test_other_flower_versions_are_left_alone(pristine, monkeypatch):
+    import flwr
+
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    assert linkstate_index.install() is False
+    assert not getattr(InMemoryLinkState.get_message_ins, linkstate_index._MARK, False)
