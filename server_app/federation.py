@@ -36,6 +36,7 @@ from common.protocol import (
     UNCLIPPED,
     RoundInstructions,
 )
+from server_app.messaging import send_and_receive
 from server_app.privacy import PrivacyPlan
 from server_app.progress import Progress
 from server_app.results import RunRecorder
@@ -108,7 +109,7 @@ class Federation:
         if unknown:
             with_identity = RecordDict({"config": ConfigRecord()})
             queries = [Message(with_identity, node, MessageType.QUERY) for node in unknown]
-            for reply in self.grid.send_and_receive(queries, timeout=REPLY_TIMEOUT):
+            for reply in send_and_receive(self.grid, queries, REPLY_TIMEOUT):
                 if not reply.has_error():
                     self.identities[reply.metadata.src_node_id] = str(reply.content["identity"][CLIENT_ID])
         return sorted(nodes, key=lambda node: (self.identities.get(node, ""), node))
@@ -143,6 +144,10 @@ class Federation:
         """Train rounds ``first_round..num_rounds``, until the budget stop, or until clients are
         missing for longer than the wait limit; return the model and why it stopped."""
         progress = Progress(num_rounds, first_round - 1)
+        started = time.monotonic()
+        # Part of start-up, not of round 1: asks every client its identity, which also wakes
+        # cold clients (process or worker start, imports, data) before the first round is timed.
+        log(INFO, "%d clients ready in %.1f s", len(self.connected_clients()), time.monotonic() - started)
         for server_round in range(first_round, num_rounds + 1):
             ledger = self.privacy.ledger
             if ledger is not None and self.max_epsilon and ledger.epsilon_if_step() > self.max_epsilon:
@@ -183,7 +188,7 @@ class Federation:
 
     def _exchange(self, messages) -> tuple[list[Message], list[Message]]:
         replies = sorted(  # a fixed order (by client identity) makes aggregation bit-reproducible
-            self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT),
+            send_and_receive(self.grid, messages, REPLY_TIMEOUT),
             key=lambda m: (self.identities.get(m.metadata.src_node_id, ""), m.metadata.src_node_id),
         )
         failures = [m for m in replies if m.has_error()]
