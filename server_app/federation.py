@@ -272,7 +272,7 @@ class Federation:
             message_type=MessageType.TRAIN,
         )
         stepped, _ = self.strategy.aggregate_train(server_round, [noisy_reply])
-        return _with_dtypes_of(arrays, stepped)
+        return _finite(server_round, _with_dtypes_of(arrays, stepped))  # e.g. FedAdam's step on top
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> dict:
         chosen = self.eval_sampler.sample(self.connected_clients())
