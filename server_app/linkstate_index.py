@@ -1,4 +1,4 @@
-"""Let Flower's simulation engine skip, in O(1), the nodes that have no message waiting.
+"""Let Flower's simulation engine skip the nodes that have no message waiting.
 
 Why: in Flower 1.41.0 the simulation engine's ``add_messages_to_queue``
 (``flwr/server/superlink/fleet/vce/vce_api.py``, lines 168-180) asks the LinkState for the
@@ -17,8 +17,16 @@ undelivered message:
 * ``get_message_ins(node_id)`` returns ``[]`` at once for a node not in the set; otherwise it
   calls Flower's method and, holding the state's lock across that call, drops the node from the
   set only when it found nothing (a store can only add its message after that, and re-adds the
-  node). So no message is lost, duplicated or delivered later than before;
-* the set is seeded from the messages already stored when an instance is first seen.
+  node). So no message is lost or duplicated;
+* the set is seeded from the messages already stored when an instance is first seen;
+* the engine's sweep itself (``vce_api.add_messages_to_queue``) is wrapped too: it is handed,
+  instead of the node -> partition mapping it walks, a stand-in whose ``keys()`` lists only the
+  nodes in that set (in the mapping's order), so a sweep costs O(nodes with something pending),
+  not O(nodes). Flower's loop runs unchanged; a message stored after a sweep took its list is
+  picked up by the next sweep, 0.1 s later, as a node the sweep had already passed always was.
+  The engine looks the function up when it starts its sweep thread: after the ServerApp's
+  ``main()`` at any scale where it matters (registering the clients takes seconds to minutes
+  first); in a small federation that starts it earlier, the first wrapper alone applies.
 
 The one thing given up: Flower's per-call scan also deleted expired messages of OTHER nodes as a
 side effect; now that happens only when a node with something pending is polled. Expiry as the
@@ -43,13 +51,15 @@ from flwr.common.logger import log
 
 FLOWER_VERSION = "1.41.0"
 MODULE = "flwr.server.superlink.linkstate.in_memory_linkstate"
+ENGINE = "flwr.server.superlink.fleet.vce.vce_api"  # the simulation engine: add_messages_to_queue
 _PENDING = "_fl_dp_maybe_pending"  # attribute holding the set on each InMemoryLinkState instance
 _MARK = "_fl_dp_indexed"  # set on the wrappers: installed already
 _install_lock = threading.Lock()
 
 
 def install() -> bool:
-    """Wrap ``InMemoryLinkState`` in this process (idempotent); True if the wrappers are in place."""
+    """Wrap ``InMemoryLinkState`` and, if loaded, the engine's sweep in this process (idempotent);
+    True if the wrappers are in place."""
     import flwr
 
     if flwr.__version__ != FLOWER_VERSION:
@@ -62,11 +72,13 @@ def install() -> bool:
         return False
     cls = module.InMemoryLinkState
     with _install_lock:
-        if getattr(cls.get_message_ins, _MARK, False):
-            return True
-        cls.store_message_ins = _wrap_store(cls.store_message_ins)
-        cls.get_message_ins = _wrap_get(cls.get_message_ins)
-    log(DEBUG, "linkstate_index: InMemoryLinkState.get_message_ins skips nodes with nothing pending")
+        if not getattr(cls.get_message_ins, _MARK, False):
+            cls.store_message_ins = _wrap_store(cls.store_message_ins)
+            cls.get_message_ins = _wrap_get(cls.get_message_ins)
+        engine = sys.modules.get(ENGINE)
+        if engine is not None and not getattr(engine.add_messages_to_queue, _MARK, False):
+            engine.add_messages_to_queue = _wrap_sweep(engine.add_messages_to_queue, cls)
+    log(DEBUG, "linkstate_index: the simulation engine's sweep skips nodes with nothing pending")
     return True
 
 
@@ -112,3 +124,26 @@ def _wrap_get(original):
 
     setattr(get_message_ins, _MARK, True)
     return get_message_ins
+
+
+class _PendingNodes:
+    """Stands in for the engine's node id -> partition id mapping in its sweep, which only calls
+    ``keys()``: the mapped nodes that may have a message, in the mapping's (registration) order."""
+
+    def __init__(self, state, nodes_mapping) -> None:
+        self.state, self.nodes_mapping = state, nodes_mapping
+
+    def keys(self) -> list[int]:
+        pending = _maybe_pending(self.state).copy()  # one C-level copy: safe against concurrent adds
+        return sorted((n for n in pending if n in self.nodes_mapping), key=self.nodes_mapping.__getitem__)
+
+
+def _wrap_sweep(original, state_class):
+    @functools.wraps(original)
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop):
+        if isinstance(state, state_class):
+            nodes_mapping = _PendingNodes(state, nodes_mapping)
+        return original(state, queue, nodes_mapping, f_stop)
+
+    setattr(add_messages_to_queue, _MARK, True)
+    return add_messages_to_queue

@@ -1,10 +1,12 @@
 """server_app/linkstate_index.py on Flower 1.41's real in-memory LinkState and simulation engine.
 
-The same script of stores and engine sweeps runs against ``InMemoryLinkState`` as Flower ships
-it and with the wrappers installed; both must hand out exactly the same messages, in the same
-sweeps, including a message stored for a node right after a sweep found it empty, messages
-stored before the wrappers were installed, ``limit`` > 1 and ``run_id`` filters. A second test
-runs Flower's own sweep thread (``add_messages_to_queue``) against concurrent stores.
+The same script of stores and engine sweeps (one pass of Flower's own ``add_messages_to_queue``
+each) runs against ``InMemoryLinkState`` and the engine as Flower ships them and with the
+wrappers installed (all of them, or the LinkState's alone: the engine started its sweep before the
+ServerApp installed them); each must hand out exactly the same messages, in the same sweeps and
+order, including a message stored for a node right after a sweep found it empty, messages stored
+before the wrappers were installed, ``limit`` > 1 and ``run_id`` filters. Another test runs the
+engine's sweep thread against concurrent stores.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from queue import Empty, Queue
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
-from flwr.server.superlink.fleet.vce.vce_api import _register_nodes, add_messages_to_queue
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
 from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
 from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
@@ -31,16 +34,34 @@ from server_app import linkstate_index
 NUM_NODES = 40
 
 
+def unwrapped(function):
+    while getattr(function, linkstate_index._MARK, False):
+        function = function.__wrapped__
+    return function
+
+
 @pytest.fixture
 def pristine(monkeypatch):
-    """InMemoryLinkState as Flower ships it for this test (an in-process simulation test may
-    already have installed the wrappers); whatever was there is restored afterwards."""
+    """InMemoryLinkState and the engine's sweep as Flower ships them for this test (an in-process
+    simulation test may already have installed the wrappers); restored afterwards."""
     for name in ("get_message_ins", "store_message_ins"):
-        method = getattr(InMemoryLinkState, name)
-        while getattr(method, linkstate_index._MARK, False):
-            method = method.__wrapped__
-        monkeypatch.setattr(InMemoryLinkState, name, method)
+        monkeypatch.setattr(InMemoryLinkState, name, unwrapped(getattr(InMemoryLinkState, name)))
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", unwrapped(vce_api.add_messages_to_queue))
     assert not getattr(InMemoryLinkState.get_message_ins, linkstate_index._MARK, False)
+
+
+class OnePass:
+    """A stop event for ``add_messages_to_queue`` that lets its loop run exactly once."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked > 1
+
+    def wait(self, timeout=None) -> bool:
+        return False
 
 
 class Federation:
@@ -71,23 +92,26 @@ class Federation:
         return [(self.mapping[m.metadata.dst_node_id], m.content["c"]["tag"]) for m in messages]
 
     def sweep(self) -> list[tuple[int, str]]:
-        """One pass of the engine's loop body (vce_api.py add_messages_to_queue, lines 176-179)."""
-        out = []
-        for node_id in self.mapping.keys():
-            out += self.delivered(self.state.get_message_ins(node_id=node_id, limit=1))
-        return out
+        """One pass of the engine's sweep (vce_api.add_messages_to_queue, as installed now)."""
+        queue: Queue = Queue()
+        vce_api.add_messages_to_queue(self.state, queue, self.mapping, OnePass())
+        return self.delivered([queue.get_nowait() for _ in range(queue.qsize())])
 
 
-def script(install: bool) -> list:
+def script(install: str, monkeypatch) -> list:
     """Stores and sweeps; returns what each step delivered."""
     fed = Federation(runs=(1, 2))
     log = []
+    fed.push(30, "before-install-c")
     fed.push(3, "before-install-a")
     fed.push(3, "before-install-b")  # two for one node: limit=1 delivers them in two sweeps
-    fed.push(30, "before-install-c")
     if install:
+        flowers_sweep = vce_api.add_messages_to_queue
         assert linkstate_index.install()
         assert linkstate_index.install()  # idempotent
+        assert getattr(vce_api.add_messages_to_queue, linkstate_index._MARK, False)
+        if install == "linkstate only":
+            monkeypatch.setattr(vce_api, "add_messages_to_queue", flowers_sweep)
     log.append(("sweep 1", fed.sweep()))
     log.append(("sweep 2", fed.sweep()))
     log.append(("sweep 3 (all empty)", fed.sweep()))
@@ -114,9 +138,10 @@ def script(install: bool) -> list:
     return log
 
 
-def test_patched_state_delivers_exactly_what_flower_delivers(pristine):
-    reference = script(install=False)
-    patched = script(install=True)
+@pytest.mark.parametrize("install", ["all", "linkstate only"])
+def test_patched_state_delivers_exactly_what_flower_delivers(pristine, monkeypatch, install):
+    reference = script("", monkeypatch)
+    patched = script(install, monkeypatch)
     assert patched == reference
     as_dict = dict(reference)  # and the script does test what it says
     assert as_dict["sweep 1"] == [(3, "before-install-a"), (30, "before-install-c")]
@@ -128,22 +153,23 @@ def test_patched_state_delivers_exactly_what_flower_delivers(pristine):
     assert not any(as_dict[k] for k in as_dict if "empty" in k)
 
 
-def test_idle_nodes_cost_no_scan_of_the_stored_messages(pristine):
+def test_idle_nodes_cost_no_call_and_no_scan(pristine):
     assert linkstate_index.install()
     fed = Federation(num_nodes=200)
-    for partition in (5, 50, 150):
+    for partition in (150, 5, 50):
         fed.push(partition, f"m{partition}")
-    scans = []
-    original_check = fed.state._check_stored_messages
-    fed.state._check_stored_messages = lambda ids, run_id=None: (scans.append(1), original_check(ids, run_id))[1]
-    assert sorted(fed.sweep()) == [(5, "m5"), (50, "m50"), (150, "m150")]
-    # Only the 3 nodes with a message ran Flower's scan (of at most the 3 stored messages each):
-    # unpatched, all 200 nodes would (~600 checks).
-    assert 0 < len(scans) <= 3 * 3
-    scans.clear()
-    assert fed.sweep() == [] and len(scans) == 3 * 3  # each found empty once, then dropped
-    scans.clear()
-    assert fed.sweep() == [] and scans == []
+    asked, scans = [], []
+    get, check = fed.state.get_message_ins, fed.state._check_stored_messages
+    fed.state.get_message_ins = lambda node_id, limit, **kw: (asked.append(fed.mapping[node_id]), get(node_id, limit, **kw))[1]
+    fed.state._check_stored_messages = lambda ids, run_id=None: (scans.append(1), check(ids, run_id))[1]
+    assert fed.sweep() == [(5, "m5"), (50, "m50"), (150, "m150")]  # the engine's order: by partition
+    # Only the 3 nodes with a message were asked, and each scan saw the 3 stored messages at most:
+    # as Flower ships it, all 200 nodes would be asked and scan (600 checks).
+    assert asked == [5, 50, 150] and 0 < len(scans) <= 3 * 3
+    asked.clear(), scans.clear()
+    assert fed.sweep() == [] and asked == [5, 50, 150]  # each found empty once, then dropped
+    asked.clear(), scans.clear()
+    assert fed.sweep() == [] and asked == [] and scans == []
 
 
 def test_flowers_sweep_thread_delivers_every_concurrently_stored_message_once(pristine):
@@ -151,7 +177,8 @@ def test_flowers_sweep_thread_delivers_every_concurrently_stored_message_once(pr
     fed = Federation(num_nodes=300)
     queue: Queue = Queue()
     stop = threading.Event()
-    sweeper = threading.Thread(target=add_messages_to_queue, args=(fed.state, queue, fed.mapping, stop), daemon=True)
+    sweeper = threading.Thread(target=vce_api.add_messages_to_queue, args=(fed.state, queue, fed.mapping, stop),
+                               daemon=True)
     sweeper.start()
     expected = []
     try:
@@ -183,3 +210,4 @@ def test_other_flower_versions_are_left_alone(pristine, monkeypatch):
     monkeypatch.setattr(flwr, "__version__", "1.42.0")
     assert linkstate_index.install() is False
     assert not getattr(InMemoryLinkState.get_message_ins, linkstate_index._MARK, False)
+    assert not getattr(vce_api.add_messages_to_queue, linkstate_index._MARK, False)
