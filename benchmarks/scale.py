@@ -4,7 +4,8 @@
 Each federation runs through ``scripts/simulate.py`` (the user's path: a simulation SuperLink,
 ``flwr run``, Flower's simulation runtime with Ray) with ``dataset="mnist1d" model="cnn1d"``,
 100 clients sampled per round, ``identify-clients=false`` (no start-up query to every client),
-``fraction-evaluate=0``, one local epoch, ``val-fraction=0``. The data grows with the
+``fraction-evaluate=0``, one local epoch, ``val-fraction=0``, ``min-available-clients=N`` (the
+first round waits until the engine has registered every client). The data grows with the
 federation so every client holds about ``--per-client`` (10) training examples, and the
 server's held-out split is kept at ``--test-examples`` (10,000) examples for every size, so
 the central evaluation costs the same in every row: ``dataset-samples = N * per-client + test``,
@@ -76,7 +77,7 @@ def run_config(num_clients: int, rounds: int, per_client: int, test_examples: in
     return (
         f'dataset="mnist1d" model="cnn1d" dataset-samples={s["dataset-samples"]} test-fraction={s["test-fraction"]} '
         f"val-fraction=0.0 clients-per-round=100 identify-clients=false fraction-evaluate=0.0 local-epochs=1 "
-        f"num-server-rounds={rounds}"
+        f"num-server-rounds={rounds} min-available-clients={num_clients}"
     )
 
 
@@ -186,25 +187,30 @@ def run_one(num_clients: int, rounds: int, per_client: int, test_examples: int, 
 
 
 def profile(root: int, seconds: float, out_prefix: Path) -> str:
-    """py-spy (if installed) on the tree's flwr-simulation process: a top-functions summary."""
+    """py-spy (if installed) on the tree's flwr-simulation process and its Ray ClientApp workers, all
+    at once: raw stacks, one file per process (``<prefix>.txt``, ``<prefix>-worker-<pid>.txt``)."""
     pyspy = bench.VENV_PYTHON.parent / "py-spy"
     if not pyspy.exists():
         return ""
-    target = None
+    targets = {}
     for pid in bench.tree_pids(root):
         try:
             if b"flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                target = pid
-                break
+                targets[pid] = out_prefix.with_suffix(".txt")
+            elif Path(f"/proc/{pid}/comm").read_text().startswith("ray::ClientApp"):
+                targets[pid] = out_prefix.with_name(f"{out_prefix.name}-worker-{pid}.txt")
         except OSError:
             continue
-    if target is None:
-        return ""
-    raw = out_prefix.with_suffix(".txt")
-    subprocess.run([str(pyspy), "record", "--pid", str(target), "--duration", str(int(seconds)), "--format",
-                    "raw", "--output", str(raw), "--rate", "50", "--nonblocking"],
-                   capture_output=True, text=True, check=False)
-    return str(raw) if raw.exists() else ""
+    spies = [subprocess.Popen([str(pyspy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--format",
+                               "raw", "--output", str(raw), "--rate", "50", "--nonblocking"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid, raw in targets.items()]
+    for spy in spies:
+        try:
+            spy.wait(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+    return ", ".join(f"`{raw}`" for raw in targets.values() if raw.exists())
 
 
 def main() -> int:
@@ -276,7 +282,8 @@ def main() -> int:
         measured.append({"clients": num_clients, "ok": ok, "later": later, "rss": result["peak_rss_gib"],
                          "pss": result["peak_pss_gib"]})
         if result["profile"]:
-            failures.append(f"- {num_clients:,} clients: py-spy profile of flwr-simulation: `{result['profile']}`")
+            failures.append(f"- {num_clients:,} clients: py-spy profiles (flwr-simulation; `-worker-<pid>`: the Ray "
+                            f"ClientApp workers): {result['profile']}")
     probe_rows = []
     for num_clients in [int(c) for c in args.node_state.split(",") if c]:
         load = bench.wait_for_quiet(args.max_load, args.max_wait)
@@ -334,16 +341,18 @@ def main() -> int:
     text = f"""{bench.machine()}
 
 MNIST-1D, `cnn1d`, 100 clients sampled per round (fixed-size, seeded), one local epoch (batch 16),
-`identify-clients=false`, `fraction-evaluate=0`, `val-fraction=0`, {args.rounds} rounds ({args.rounds_large} from 100,000 clients), through
+`identify-clients=false`, `fraction-evaluate=0`, `val-fraction=0`, `min-available-clients=N` (round 1
+samples from the whole federation, not from the nodes registered so far), {args.rounds} rounds ({args.rounds_large} from 100,000 clients), through
 `scripts/simulate.py` (1 CPU per client: 2 Ray workers). Every client holds ~{args.per_client} training
 examples, the server's held-out split {args.test_examples:,} examples in every row
 (`dataset-samples = N * {args.per_client} + {args.test_examples}`). Seconds per round: median of
-rounds 2 and later (round 1 includes starting the Ray workers). Memory: peak over the run of
+rounds 2 and later (round 1 includes the simulation engine's start-up: a `Context` per client,
+the Ray workers, the workers loading the data; see the notes). Memory: peak over the run of
 the summed RSS / PSS of the whole process tree (simulate.py, SuperLink, flwr-simulation, Ray and
 its workers), sampled every 0.5 s. Data preparation (MNIST-1D generation + partition table)
 fills the shared on-disk cache the clients read, before the timed run (0-1 s when already warm);
-the ServerApp keeps its own cache under `output-dir` and so regenerates the data in every run
-(inside "round 1 done", see the notes).
+the ServerApp reads its held-out split from that cache too (read-only: it writes only under
+`output-dir`), so "round 1 done" holds no data generation.
 
 ```bash
 {bench.command_line()}

@@ -30,7 +30,7 @@ def default_output_dir() -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     started = time.monotonic()
-    linkstate_index.install()  # simulation only: Flower's engine skips idle nodes in O(1) (see module)
+    linkstate_index.install()  # simulation only: Flower's engine skips the idle nodes (see the module)
     config = RunConfig.from_run_config(context.run_config)
     output_dir = config.output_dir or default_output_dir()
     recorder = RunRecorder(output_dir, config.to_dict() | {"output-dir": output_dir})
