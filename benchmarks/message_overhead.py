@@ -45,22 +45,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 
-def _load_by_path(name: str, path: Path):
-    import importlib.util
-
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-# benchmarks/common.py by path: an installed package ships a top-level `benchmarks`, and the
-# app's own package is `common`.
-bench = _load_by_path("bench_common", Path(__file__).with_name("common.py"))
-flwr_cli = _load_by_path("flwr_cli", REPO_ROOT / "scripts" / "deploy" / "flwr_cli.py")
+sys.path.insert(1, str(REPO_ROOT / "scripts" / "deploy"))
+import benchlib as bench  # noqa: E402  (benchmarks/benchlib.py: this folder is on sys.path)
+import flwr_cli  # noqa: E402
 
 NUM_NODES = 2
 # As the README and docker-compose.yml run SuperNodes: their SuperExec looks for new ClientApp

@@ -36,21 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 
-def _load_bench_common():
-    """benchmarks/common.py, loaded by path (an installed package ships a top-level `benchmarks`,
-    and the app's own package is `common`)."""
-    import importlib.util
-
-    if "bench_common" in sys.modules:
-        return sys.modules["bench_common"]
-    spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).with_name("common.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_common"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench_common()
+import benchlib as bench  # noqa: E402  (benchmarks/benchlib.py: this folder is on sys.path)
 
 GOAL_CLIENTS, GOAL_GIB, GOAL_SECONDS = 100_000, 8.0, 5.0
 PROBE_START, PROBE_END = "<!-- scale-probe:start -->", "<!-- scale-probe:end -->"

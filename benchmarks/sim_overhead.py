@@ -37,21 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # the app's packages (common, client_app, ...)
 
 
-def _load_bench_common():
-    """benchmarks/common.py, loaded by path: `benchmarks` and `common` are both taken (an installed
-    package ships a top-level `benchmarks`, and the app's own package is `common`)."""
-    import importlib.util
-
-    if "bench_common" in sys.modules:
-        return sys.modules["bench_common"]
-    spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).with_name("common.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_common"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_bench = _load_bench_common()
+import benchlib as _bench  # noqa: E402  (benchmarks/benchlib.py: this folder is on sys.path)
 REPO, VENV_PYTHON, bench_env, command_line, load1 = (
     _bench.REPO, _bench.VENV_PYTHON, _bench.bench_env, _bench.command_line, _bench.load1)
 machine, median, table, wait_for_quiet, write_section = (

@@ -14,7 +14,6 @@ benchmarks/results_strategies[_<attack>].md. Prints each row as it finishes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -26,9 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from common.names import STRATEGIES  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).with_name("common.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+import benchlib as bench  # noqa: E402  (benchmarks/benchlib.py: this folder is on sys.path)
 
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")
 

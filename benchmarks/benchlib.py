@@ -309,11 +309,6 @@ def write_section(name: str, body: str) -> None:
             end = text.index(_marker(name, end=True)) + len(_marker(name, end=True))
             new = f"{_marker(name)}\n## {SECTIONS[name]}\n\n{body.strip()}\n{_marker(name, end=True)}"
             text = text[:start] + new + text[end:]
-            if _marker("privacy_utility") in text:  # keep the pointer current
-                s = text.index(_marker("privacy_utility"))
-                e = text.index(_marker("privacy_utility", end=True)) + len(_marker("privacy_utility", end=True))
-                text = text[:s] + (f"{_marker('privacy_utility')}\n## {SECTIONS['privacy_utility']}\n\n"
-                                   f"{PRIVACY_UTILITY}\n{_marker('privacy_utility', end=True)}") + text[e:]
             handle.seek(0)
             handle.truncate()
             handle.write(text)
