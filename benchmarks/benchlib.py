@@ -287,33 +287,41 @@ def _skeleton() -> str:
     return "\n".join(parts)
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace section ``name`` of results.md with its heading and ``body`` (others untouched)."""
-    assert name in SECTIONS, name
+def _edit_results(edit) -> None:
+    """Rewrite results.md as ``edit(old text)`` under an exclusive lock (benchmarks may run at once)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "a+", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             handle.seek(0)
-            text = handle.read() or _skeleton()
-            # Sections missing from an older file are added in their place (before the next one present).
-            for missing in [n for n in SECTIONS if _marker(n) not in text]:
-                block = f"{_marker(missing)}\n## {SECTIONS[missing]}\n\nNot measured yet.\n{_marker(missing, end=True)}\n"
-                later = [n for n in list(SECTIONS)[list(SECTIONS).index(missing) + 1:] if _marker(n) in text]
-                if later:
-                    at = text.index(_marker(later[0]))
-                    text = text[:at] + block + "\n" + text[at:]
-                else:
-                    text = text.rstrip("\n") + "\n\n" + block
-            start = text.index(_marker(name))
-            end = text.index(_marker(name, end=True)) + len(_marker(name, end=True))
-            new = f"{_marker(name)}\n## {SECTIONS[name]}\n\n{body.strip()}\n{_marker(name, end=True)}"
-            text = text[:start] + new + text[end:]
+            text = edit(handle.read())
             handle.seek(0)
             handle.truncate()
             handle.write(text)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _with_section(text: str, name: str, body: str) -> str:
+    text = text or _skeleton()
+    # Sections missing from an older file are added in their place (before the next one present).
+    for missing in [n for n in SECTIONS if _marker(n) not in text]:
+        block = f"{_marker(missing)}\n## {SECTIONS[missing]}\n\nNot measured yet.\n{_marker(missing, end=True)}\n"
+        later = [n for n in list(SECTIONS)[list(SECTIONS).index(missing) + 1:] if _marker(n) in text]
+        if later:
+            at = text.index(_marker(later[0]))
+            text = text[:at] + block + "\n" + text[at:]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block
+    start = text.index(_marker(name))
+    end = text.index(_marker(name, end=True)) + len(_marker(name, end=True))
+    return text[:start] + f"{_marker(name)}\n## {SECTIONS[name]}\n\n{body.strip()}\n{_marker(name, end=True)}" + text[end:]
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace section ``name`` of results.md with its heading and ``body`` (others untouched)."""
+    assert name in SECTIONS, name
+    _edit_results(lambda text: _with_section(text, name, body))
     print(f"Wrote section '{name}' of {RESULTS}", flush=True)
 
 
@@ -432,19 +440,13 @@ def update_notes(name: str, notes: str) -> None:
     the block between ``<!-- name-notes:start -->`` and ``<!-- name-notes:end -->``."""
     start_mark, end_mark = f"<!-- {name}-notes:start -->", f"<!-- {name}-notes:end -->"
     block = f"{start_mark}\n{notes.strip()}\n{end_mark}"
-    with open(RESULTS, "r+", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            text = handle.read()
-            end = text.index(_marker(name, end=True))
-            if start_mark in text:
-                s, e = text.index(start_mark), text.index(end_mark) + len(end_mark)
-                text = text[:s] + block + text[e:]
-            else:
-                text = text[:end].rstrip("\n") + "\n\n" + block + "\n" + text[end:]
-            handle.seek(0)
-            handle.truncate()
-            handle.write(text)
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def edit(text: str) -> str:
+        if start_mark in text:
+            s, e = text.index(start_mark), text.index(end_mark) + len(end_mark)
+            return text[:s] + block + text[e:]
+        end = text.index(_marker(name, end=True))
+        return text[:end].rstrip("\n") + "\n\n" + block + "\n" + text[end:]
+
+    _edit_results(edit)
     print(f"Updated the notes of section '{name}' in {RESULTS}", flush=True)
