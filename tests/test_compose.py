@@ -213,7 +213,8 @@ def test_a_client_killed_mid_run_leaves_the_run_to_complete_with_the_rest(stack)
     rows = json.loads((run_dir / "metrics.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 1, summary
-    # The killed client had been sent its round-1 message: the round got its failure, went on
-    # without it and aggregated the other two.
-    assert rows[0]["num_failures"] >= 1 and rows[0]["num_replies"] == 2, rows
+    # The kill lands while the server identifies the clients (start-up) or after round 1's messages
+    # are out, depending on how fast the containers answer: either way the round aggregates the
+    # other two; in the second case Flower also reports the killed client's message as failed.
+    assert rows[0]["num_replies"] == 2 and rows[0]["num_failures"] <= 1, rows
     assert stack.container("client-2") == "" or "Exit" in stack.run("ps", "client-2").stdout
