@@ -28,7 +28,7 @@ The analysis notes (``<!-- dpsgd_cost-notes:start/end -->``) are kept across run
 replaces them.
 
     .venv/bin/python benchmarks/dpsgd_cost.py
-    .venv/bin/python benchmarks/dpsgd_cost.py --profile                  # + the profile (~+3 min)
+    .venv/bin/python benchmarks/dpsgd_cost.py --profile                  # + the profile (~+5 min on a quiet machine)
     .venv/bin/python benchmarks/dpsgd_cost.py --profile-only             # only the profile block
     .venv/bin/python benchmarks/dpsgd_cost.py --repeats 5 --epochs 2     # quick
 """
