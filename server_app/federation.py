@@ -144,10 +144,16 @@ class Federation:
         """Train rounds ``first_round..num_rounds``, until the budget stop, or until clients are
         missing for longer than the wait limit; return the model and why it stopped."""
         progress = Progress(num_rounds, first_round - 1)
-        started = time.monotonic()
+        waking = time.monotonic()
         # Part of start-up, not of round 1: asks every client its identity, which also wakes
         # cold clients (process or worker start, imports, data) before the first round is timed.
-        log(INFO, "%d clients ready in %.1f s", len(self.connected_clients()), time.monotonic() - started)
+        try:
+            ready = len(self.connected_clients())
+        except WaitTimeout as stop:  # e.g. a resume with the clients gone: stop cleanly, results kept
+            reason = f"stopped before round {first_round}: {stop}"
+            print(reason, flush=True)
+            return arrays, reason
+        log(INFO, "%d clients ready in %.1f s", ready, time.monotonic() - waking)
         for server_round in range(first_round, num_rounds + 1):
             ledger = self.privacy.ledger
             if ledger is not None and self.max_epsilon and ledger.epsilon_if_step() > self.max_epsilon:

@@ -76,3 +76,25 @@ def test_timeout_returns_what_arrived(clock):
     replies = messaging.send_and_receive(grid, _messages(2), timeout=5.0)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert clock.now == pytest.approx(5.0)
+
+
+def test_clients_gone_before_round_one_stop_the_run_cleanly():
+    """Waking the clients is start-up (outside the round loop's own handling): a resume whose clients
+    never come back must still end with a reason, not an exception that loses the run's ending."""
+    from flwr.app import ArrayRecord
+
+    from server_app.federation import Federation
+
+    class EmptyGrid:
+        def get_node_ids(self):
+            return []
+
+    federation = Federation(
+        grid=EmptyGrid(), strategy=None, privacy=None, eval_sampler=None, recorder=None,
+        central_eval=None, num_features=4, num_classes=2, min_available_clients=2,
+        federated_evaluation=False, wait_timeout=0.01,
+    )
+    arrays = ArrayRecord()
+    returned, reason = federation.run(arrays, num_rounds=3, first_round=2)
+    assert returned is arrays
+    assert reason.startswith("stopped before round 2: only 0 of the 2 required clients"), reason
