@@ -151,6 +151,10 @@ class RunConfig:
     adaptive_clip_lr: float = _key("adaptive-clip-lr", 0.2, _range(0, INF, low_open=True))
     adaptive_count_stddev: float = _key("adaptive-count-stddev", 0.0, _non_negative, "0: expected clients / 20")
     local_mechanism: str = _key("local-mechanism", "gaussian", _choice(LOCAL_MECHANISMS), "local mode")
+    debug_noise_key: str = _key(
+        "debug-noise-key", "", None,
+        "DEBUG ONLY: derive the server's DP noise and sampling from this key (reproducible, NO privacy)",
+    )
     # Reliability (see server_app/checkpoint.py and client_app/attacks.py).
     resume: bool = _key("resume", False, None, "continue the run checkpointed in output-dir")
     wait_timeout: float = _key("wait-timeout", 300.0, _non_negative, "seconds to wait for clients; 0 = forever")
@@ -206,6 +210,11 @@ class RunConfig:
                 "accountant = 'pld' cannot account sampling = 'fixed' (dp-accounting's PLD has no "
                 "fixed-size sampling event); use accountant = 'rdp' or sampling = 'poisson' or 'all'"
             )
+        if self.debug_noise_key and self.dp not in ("server", "client"):
+            raise ConfigError(
+                f"debug-noise-key applies to the server's noise (dp = 'server' or 'client'), not dp = {self.dp!r}; "
+                "a dpsgd/local client takes its own debug key from its node config, never from the server"
+            )
         if self.local_mechanism == "laplace" and self.dp != "local":
             raise ConfigError("local-mechanism = 'laplace' applies to dp = 'local' only")
         if self.dp != "none" and self.noise_multiplier == 0 and not self.target_epsilon:
@@ -248,33 +257,82 @@ def _type_name(default: Any) -> str:
     return {int: "whole number", float: "number", str: "string", bool: "boolean (true or false)"}[type(default)]
 
 
+DEFAULT_CLIENT_MAX_EPSILON = 10.0
+DEFAULT_CLIENT_MIN_NOISE = 0.3
+DEFAULT_CLIENT_MAX_DELTA = 1e-5
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """A ``dpsgd``/``local`` client's own privacy policy, from its node config, never from the server.
+
+    In those modes the client trusts no one: whatever the run config (written by the server's
+    operator) asks, the client refuses to release an update that would take its own ledger
+    above ``max-epsilon``, use a noise multiplier below ``min-noise-multiplier``, or be
+    accounted at a delta above ``max-delta``; with ``require-dp`` it also refuses every run
+    whose ``dp`` mode is another one (e.g. a server that switches to ``dp = 'none'``).
+    ``debug-noise-key`` makes this client's noise reproducible for debugging and voids its
+    guarantee (its replies say so).
+    """
+
+    max_epsilon: float = DEFAULT_CLIENT_MAX_EPSILON
+    min_noise_multiplier: float = DEFAULT_CLIENT_MIN_NOISE
+    max_delta: float = DEFAULT_CLIENT_MAX_DELTA
+    require_dp: str = ""
+    debug_noise_key: str = ""
+
+
+POLICY_KEYS = {
+    "max-epsilon": ("max_epsilon", _range(0, INF, low_open=True)),
+    "min-noise-multiplier": ("min_noise_multiplier", _non_negative),
+    "max-delta": ("max_delta", _range(0, 1, True, True)),
+    "require-dp": ("require_dp", _choice(("",) + DP_MODES[1:])),
+    "debug-noise-key": ("debug_noise_key", None),
+}
+
+
+def _policy_from(node_config: Mapping[str, Any]) -> ClientPolicy:
+    values = {}
+    for key, (name, check) in POLICY_KEYS.items():
+        if key not in node_config:
+            continue
+        value = _coerce(key, node_config[key], getattr(ClientPolicy, name))
+        if check is not None:
+            check(key, value)
+        values[name] = value
+    return ClientPolicy(**values)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """What a client node says about itself (``--node-config`` in deployment).
 
     Either ``data-path`` (the client's own CSV/NPZ file) or ``partition-id`` with
-    ``num-partitions`` (a demo partition of a built-in dataset).
+    ``num-partitions`` (a demo partition of a built-in dataset), plus this client's own
+    privacy policy (:class:`ClientPolicy`).
     """
 
     partition_id: int | None = None
     num_partitions: int | None = None
     data_path: str = ""
     state_dir: str = ""
+    policy: ClientPolicy = ClientPolicy()
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodeConfig":
-        known = {"partition-id", "num-partitions", "data-path", "state-dir"}
+        known = {"partition-id", "num-partitions", "data-path", "state-dir"} | set(POLICY_KEYS)
         unknown = sorted(set(node_config) - known)
         if unknown:
             raise ConfigError(
                 f"unknown node-config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
             )
+        policy = _policy_from(node_config)
         data_path = str(node_config.get("data-path", ""))
         state_dir = str(node_config.get("state-dir", ""))
         for key, value in (("data-path", data_path), ("state-dir", state_dir)):
             _absolute_path_or_empty(key, value)
         if data_path:
-            return cls(data_path=data_path, state_dir=state_dir)
+            return cls(data_path=data_path, state_dir=state_dir, policy=policy)
         if "partition-id" not in node_config or "num-partitions" not in node_config:
             raise ConfigError(
                 "node config needs either data-path=<absolute path of this client's CSV/NPZ> "
@@ -291,4 +349,4 @@ class NodeConfig:
             raise ConfigError(
                 f"partition-id = {partition_id!r} is out of range; valid values are 0..{num_partitions - 1}"
             )
-        return cls(partition_id, num_partitions, "", state_dir)
+        return cls(partition_id, num_partitions, "", state_dir, policy)

@@ -19,7 +19,8 @@ UNCLIPPED = "unclipped"  # client-side clipping: 1 if the update was within the 
 SAMPLE_EPSILON = "sample_epsilon"  # dpsgd: this client's cumulative sample-level epsilon
 LOCAL_EPSILON = "local_epsilon"  # local DP: this client's cumulative epsilon
 NOISE_MULTIPLIER = "noise_multiplier"  # dpsgd/local: the noise multiplier this client used
-REFUSED = "refused"  # 1 if the client refused to train (privacy budget exhausted)
+REFUSED = "refused"  # 1 if the client refused (its privacy policy or budget forbids the request)
+DEBUG_NOISE = "debug-noise"  # 1 if a dpsgd/local client's noise came from a debug key: no guarantee
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ from common.evaluation import evaluate
 from common.models import build_model
 from server_app import linkstate_index
 from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server_app.diagnostics import DIAGNOSTICS_FILE, Diagnostics
 from server_app.federation import Federation, WaitTimeout
 from server_app.privacy import guarantee_sentence, plan_privacy, privacy_columns
 from server_app.results import RunRecorder
-from server_app.sampling import ClientSampler
+from server_app.sampling import ClientSampler, SeededChoices
 from server_app.strategies import build_strategy
 
 app = ServerApp()
@@ -35,6 +36,10 @@ def main(grid: Grid, context: Context) -> None:
     output_dir = config.output_dir or default_output_dir()
     recorder = RunRecorder(output_dir, config.to_dict() | {"output-dir": output_dir})
     print(f"Writing results to {output_dir}", flush=True)
+    private = config.dp != "none"
+    if private:
+        print(f"Exact counts and per-client events go to {DIAGNOSTICS_FILE} (mode 0600, operator-only, not released)",
+              flush=True)
 
     # Reads the shared data cache when it already holds the dataset; builds and writes only here.
     test_set = central_test_set(config, cache_root=os.path.join(output_dir, "cache"))
@@ -50,8 +55,9 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         strategy=build_strategy(config, federated_evaluation),
         privacy=None,
-        eval_sampler=ClientSampler(config.fraction_evaluate, config.seed + 1),
+        eval_sampler=ClientSampler(config.fraction_evaluate, SeededChoices(config.seed + 1)),
         recorder=recorder,
+        diagnostics=Diagnostics(output_dir, private),
         central_eval=central_eval,
         num_features=test_set.num_features,
         num_classes=test_set.num_classes,
@@ -76,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
         except WaitTimeout as timeout:
             stop_reason = f"stopped before round 1: {timeout}"
             print(stop_reason, flush=True)
-            _finish(config, recorder, None, arrays, elapsed_before + time.monotonic() - started, 0, stop_reason)
+            _finish(config, recorder, None, arrays, elapsed_before + time.monotonic() - started, 0, stop_reason, False)
             return
         federation.privacy = plan_privacy(config, num_clients)
 
@@ -88,15 +94,18 @@ def main(grid: Grid, context: Context) -> None:
     recorder.constant_columns = privacy_columns(config, federation.privacy)
     federation.on_round_end = save
     final, stop_reason = federation.run(arrays, config.num_server_rounds, first_round)
-    _finish(config, recorder, federation.privacy, final, elapsed_before + time.monotonic() - started, num_clients, stop_reason)
+    _finish(config, recorder, federation.privacy, final, elapsed_before + time.monotonic() - started, num_clients,
+            stop_reason, federation.tally.debug_clients)
 
 
 def _finish(config: RunConfig, recorder: RunRecorder, plan, final: ArrayRecord, wall_seconds: float,
-            num_clients: int, stop_reason: str) -> None:
+            num_clients: int, stop_reason: str, debug_clients: bool) -> None:
     """Write the summary, the final model and the plots; say where they are and what they guarantee."""
     last = recorder.rows[-1] if recorder.rows else {}
     columns = privacy_columns(config, plan)
-    guarantee = guarantee_sentence(config, plan, len(recorder.rows), last.get("epsilon"), last.get("sample_epsilon_max"))
+    guarantee = guarantee_sentence(
+        config, plan, len(recorder.rows), last.get("epsilon"), last.get("sample_epsilon_max"), debug_clients
+    )
     summary = recorder.finish(
         final.to_torch_state_dict(),
         wall_seconds,
@@ -110,6 +119,7 @@ def _finish(config: RunConfig, recorder: RunRecorder, plan, final: ArrayRecord, 
             "num_clients": num_clients,
             "stop_reason": stop_reason,
             "guarantee": guarantee,
+            "debug_noise": bool(plan is not None and plan.insecure) or debug_clients,
         } | columns,
     )
     accuracy = summary["final_central_accuracy"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Callable
 
 import numpy as np
@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from common.privacy.clipping import arrays_from_record, record_from_arrays
 from common.protocol import (
     CLIENT_ID,
+    DEBUG_NOISE,
     EVAL_ACCURACY,
     EVAL_LOSS,
     LOCAL_EPSILON,
@@ -36,6 +37,7 @@ from common.protocol import (
     UNCLIPPED,
     RoundInstructions,
 )
+from server_app.diagnostics import Diagnostics
 from server_app.messaging import send_and_receive
 from server_app.privacy import PrivacyPlan
 from server_app.progress import Progress
@@ -68,8 +70,11 @@ class PrivacyTally:
     clipping_norm: float | None = None  # server/client: the clip norm of the last round
     num_clipped: int = 0
     num_rejected: int = 0
+    debug_clients: bool = False  # a dpsgd/local client drew its noise from a debug key: no guarantee
 
     def collect(self, usable: list[Message]) -> None:
+        if any(m.content["metrics"].get(DEBUG_NOISE, 0) for m in usable):
+            self.debug_clients = True
         for key, attr in ((SAMPLE_EPSILON, "sample_epsilon_max"), (LOCAL_EPSILON, "local_epsilon_max")):
             values = [float(m.content["metrics"][key]) for m in usable if key in m.content["metrics"]]
             previous = getattr(self, attr)
@@ -87,6 +92,7 @@ class Federation:
     privacy: PrivacyPlan
     eval_sampler: ClientSampler
     recorder: RunRecorder
+    diagnostics: Diagnostics
     central_eval: Callable[[ArrayRecord], tuple[float, float]]
     num_features: int
     num_classes: int
@@ -115,15 +121,25 @@ class Federation:
         return sorted(nodes, key=lambda node: (self.identities.get(node, ""), node))
 
     def wait_for_clients(self) -> list[int]:
-        """Connected node ids once at least ``min-available-clients`` are there; bounded by the wait limit."""
+        """Connected node ids once enough are there; bounded by the wait limit.
+
+        Enough is ``min-available-clients``, and with fixed-size DP sampling the whole population
+        the ledger was opened for: m of fewer than N clients is a higher rate than the m/N the
+        epsilon is accounted with, so the server waits (or stops) rather than under-report.
+        """
+        population = self.privacy.population if self.privacy is not None else 0
+        needed = max(self.min_available_clients, population)
+        why = "min-available-clients" if needed == self.min_available_clients else (
+            "fixed DP sampling is accounted as m of all N clients; use sampling='poisson' to tolerate dropouts"
+        )
         deadline = time.monotonic() + self.wait_timeout
-        while len(nodes := list(self.grid.get_node_ids())) < self.min_available_clients:
+        while len(nodes := list(self.grid.get_node_ids())) < needed:
             if self.wait_timeout and time.monotonic() > deadline:
                 raise WaitTimeout(
-                    f"only {len(nodes)} of the {self.min_available_clients} required clients "
-                    f"(min-available-clients) connected within wait-timeout = {self.wait_timeout:g}s"
+                    f"only {len(nodes)} of the {needed} required clients ({why}) connected within "
+                    f"wait-timeout = {self.wait_timeout:g}s"
                 )
-            log(INFO, "Waiting for clients: %d connected, %d needed", len(nodes), self.min_available_clients)
+            log(INFO, "Waiting for clients: %d connected, %d needed (%s)", len(nodes), needed, why)
             time.sleep(1.0)
         return nodes
 
@@ -175,9 +191,13 @@ class Federation:
             row["central_loss"], row["central_accuracy"] = self.central_eval(arrays)
             row["round"] = server_round
             row["seconds"] = round(time.monotonic() - started, 3)
-            self.recorder.add_round(row | self.privacy_fields())
+            # Checkpoint (with the secret noise state) before anything of the round is published:
+            # a resume after a crash in between re-runs the round with the same noise stream, and
+            # that is safe only if nothing of the first attempt was released.
+            self.recorder.add_round(row | self.privacy_fields(), publish=False)
             if self.on_round_end is not None:
                 self.on_round_end(server_round, arrays)
+            self.recorder.publish()
             print(progress.line(server_round, row["central_accuracy"], row["central_loss"], self.privacy_fields()), flush=True)
         return arrays, f"completed {num_rounds} rounds"
 
@@ -192,24 +212,24 @@ class Federation:
             "clipping_norm": tally.clipping_norm,
         }
 
-    def _exchange(self, messages) -> tuple[list[Message], list[Message]]:
+    def _exchange(self, server_round: int, messages) -> tuple[list[Message], list[Message]]:
         replies = sorted(  # a fixed order (by client identity) makes aggregation bit-reproducible
             send_and_receive(self.grid, messages, REPLY_TIMEOUT),
             key=lambda m: (self.identities.get(m.metadata.src_node_id, ""), m.metadata.src_node_id),
         )
         failures = [m for m in replies if m.has_error()]
         for message in failures:
-            log(WARNING, "client %s failed: %s", message.metadata.src_node_id, message.error.reason)
+            self.diagnostics.event(server_round, f"client {message.metadata.src_node_id} failed: {message.error.reason}")
         return replies, failures
 
-    def _refusals(self, replies: list[Message]) -> list[Message]:
+    def _refusals(self, server_round: int, replies: list[Message]) -> list[Message]:
         refused = [m for m in replies if not m.has_error() and m.content["metrics"].get(REFUSED, 0)]
         for message in refused:
             reason = message.content["status"]["reason"] if "status" in message.content else "refused"
-            log(WARNING, "client %s refused to train: %s", message.metadata.src_node_id, reason)
+            self.diagnostics.event(server_round, f"client {message.metadata.src_node_id} refused to train: {reason}")
         return refused
 
-    def _valid(self, replies: list[Message], arrays: ArrayRecord) -> list[Message]:
+    def _valid(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> list[Message]:
         reference = arrays_from_record(arrays)
         valid = []
         for message in replies:
@@ -217,7 +237,9 @@ class Federation:
             if problem is None:
                 valid.append(message)
             else:
-                log(WARNING, "rejected the update of client %s: %s", message.metadata.src_node_id, problem)
+                self.diagnostics.event(
+                    server_round, f"rejected the update of client {message.metadata.src_node_id}: {problem}"
+                )
         return valid
 
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
@@ -225,21 +247,23 @@ class Federation:
         messages = list(
             self.strategy.configure_train(server_round, arrays, self._instructions(server_round), OfferedNodes(chosen))
         )
-        replies, failures = self._exchange(messages)
-        refused = self._refusals(replies)
+        replies, failures = self._exchange(server_round, messages)
+        refused = self._refusals(server_round, replies)
         answered = [m for m in replies if not m.has_error() and m not in refused]
-        usable = self._valid(answered, arrays)
+        usable = self._valid(server_round, answered, arrays)
         self.tally.collect(usable)
-        row = {
-            "train_loss": _mean_metric(usable, TRAIN_LOSS),
+        counts = {
             "num_replies": len(usable),
             "num_failures": len(failures),
             "num_refused": len(refused),
             "num_invalid": len(answered) - len(usable),
         }
+        row = {"train_loss": _mean_metric(usable, TRAIN_LOSS)}
         if self.privacy.aggregator is not None:
             stepped = self._private_step(server_round, arrays, usable)
-            return stepped, row | {"num_clipped": self.tally.num_clipped, "num_rejected": self.tally.num_rejected}
+            counts |= {"num_clipped": self.tally.num_clipped, "num_rejected": self.tally.num_rejected}
+            return stepped, row | self.diagnostics.counts(server_round, counts)
+        row |= self.diagnostics.counts(server_round, counts)
         if not usable and answered and not refused:
             raise Diverged(f"every update of round {server_round} was malformed (see the rejections above)")
         if not usable:
@@ -269,7 +293,9 @@ class Federation:
             done.clipping_norm, done.num_clipped, done.num_rejected
         )
         if done.num_rejected:
-            log(WARNING, "round %d: %d update(s) exceeded the clip norm and were rejected", server_round, done.num_rejected)
+            self.diagnostics.event(
+                server_round, f"round {server_round}: {done.num_rejected} update(s) exceeded the clip norm and were rejected"
+            )
         noisy_reply = Message(
             content=RecordDict(
                 {"arrays": record_from_arrays(new_global), "metrics": MetricRecord({NUM_EXAMPLES: 1})}
@@ -285,7 +311,7 @@ class Federation:
         messages = self.strategy.configure_evaluate(
             server_round, arrays, self._instructions(server_round), OfferedNodes(chosen)
         )
-        replies, _ = self._exchange(messages)
+        replies, _ = self._exchange(server_round, messages)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         return {"federated_loss": _metric(metrics, EVAL_LOSS), "federated_accuracy": _metric(metrics, EVAL_ACCURACY)}
 

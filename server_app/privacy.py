@@ -8,19 +8,25 @@ Built once, when the clients are connected (the population size N enters the acc
   does (``sampling``: Poisson with rate q = m/N, fixed m of N, or all N every round).
 * ``dpsgd`` / ``local``: the clients privatise their own updates and keep their own ledgers;
   the server collects the epsilons they report.
+
+User-level modes draw every random bit their guarantee rests on (client sampling, update
+noise, adaptive-clipping count noise) from one :class:`SecretRandom` keyed from the OS's
+entropy on the server, never from ``seed``. ``debug-noise-key`` replaces that key with one
+the operator chose (reproducible noise for debugging) and the guarantee says there is none.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from typing import TYPE_CHECKING
 
 from flwr.common.logger import log
 
 from common.config import ConfigError, RunConfig
 from common.privacy.adaptive_clipping import AdaptiveClipping
-from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler
+from common.privacy.secret_random import SecretRandom
+from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler, SeededChoices
 from server_app.user_level_dp import UserLevelDP
 
 if TYPE_CHECKING:
@@ -34,13 +40,21 @@ class PrivacyPlan:
     noise_multiplier: float | None = None
     ledger: UserLevelLedger | None = None
     aggregator: UserLevelDP | None = None
+    secret: SecretRandom | None = None  # the server's CSPRNG (user-level modes); checkpointed 0600
+    # Fixed-size DP sampling is accounted as m of this many clients: never sample from fewer.
+    population: int = 0
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def insecure(self) -> bool:
+        """True when the noise is reproducible from an operator-chosen debug key: no guarantee."""
+        return self.secret is not None and self.secret.debug
 
 
 def expected_clients_per_round(config: RunConfig, num_clients: int) -> int:
     if config.sampling == "all" and config.dp in ("server", "client"):
         return num_clients
-    return ClientSampler(config.clients_per_round, 0).sample_size(num_clients)
+    return ClientSampler(config.clients_per_round, SeededChoices(0)).sample_size(num_clients)
 
 
 # Byzantine-robust aggregators need enough honest replies to outvote f = num-malicious-nodes.
@@ -66,17 +80,22 @@ def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
     check_robust_quorum(config, m)
     if config.dp not in ("server", "client"):
         # Client-side mechanisms: the server's sampling adds no guarantee of its own.
-        sampler = EveryoneSampler() if config.sampling == "all" else ClientSampler(config.clients_per_round, config.seed)
+        sampler = (
+            EveryoneSampler() if config.sampling == "all" else ClientSampler(config.clients_per_round, SeededChoices(config.seed))
+        )
         return PrivacyPlan(sampler, m)
 
     # Imported here: dp-accounting (and scipy) cost ~0.8 s of start-up, only needed with user-level DP.
     from common.privacy.accounting import UserLevelLedger
     from common.privacy.calibration import solve_noise_multiplier
 
+    secret = SecretRandom.from_debug_key(config.debug_noise_key) if config.debug_noise_key else SecretRandom()
+    if config.debug_noise_key:
+        log(WARNING, "debug-noise-key is set: the DP noise and sampling are reproducible from it; NO privacy guarantee")
     if config.sampling == "poisson":
-        sampler = PoissonSampler(m / num_clients, config.seed)
+        sampler = PoissonSampler(m / num_clients, secret)
     elif config.sampling == "fixed":
-        sampler = ClientSampler(m, config.seed)
+        sampler = ClientSampler(m, secret)
     else:
         sampler = EveryoneSampler()
 
@@ -118,16 +137,32 @@ def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
         clipping_norm=config.clipping_norm,
         expected_clients=m,
         clip_on_server=config.dp == "server",
-        seed=config.seed + 2,
+        rng=secret,
         adaptive=adaptive,
     )
     ledger = UserLevelLedger(z, config.sampling, num_clients, m, config.target_delta, config.accountant)
-    return PrivacyPlan(sampler, m, z, ledger, aggregator)
+    population = num_clients if config.sampling == "fixed" else 0
+    return PrivacyPlan(sampler, m, z, ledger, aggregator, secret, population)
+
+
+USER_LEVEL_RELEASE = (
+    "released: the global model after every round, metrics on the server's own held-out data, "
+    "the ledger (epsilon, delta, noise multiplier) and the clip norm (adaptive clipping moves it by the noisy "
+    "clipped count only); not released: exact counts of replies, clipped, rejected or failed clients "
+    "(operator-only diagnostics.jsonl) and per-client metrics"
+)
+CLIENT_RELEASE = (
+    "released by each client: its noised model updates and its own epsilon and noise multiplier; "
+    "it answers no evaluation request in a DP mode; not released by the server: exact counts "
+    "(operator-only diagnostics.jsonl)"
+)
+NO_GUARANTEE = "NO privacy guarantee: {who} set a debug-noise-key, so the noise can be regenerated from it. "
 
 
 def guarantee_sentence(config: RunConfig, plan: PrivacyPlan | None, rounds: int, epsilon: float | None,
-                       sample_epsilon: float | None) -> str:
-    """One sentence a reader can quote: what is protected, how strongly, under which assumptions."""
+                       sample_epsilon: float | None, debug_clients: bool = False) -> str:
+    """One sentence a reader can quote: what is protected, how strongly, under which assumptions,
+    and exactly what was released."""
     if config.dp == "none":
         return "No differential privacy: dp = 'none'."
     if rounds == 0:
@@ -136,28 +171,37 @@ def guarantee_sentence(config: RunConfig, plan: PrivacyPlan | None, rounds: int,
         described = plan.ledger.describe()
         clip = "adaptive" if config.clipping == "adaptive" else f"fixed at {config.clipping_norm}"
         where = "the server" if config.dp == "server" else "each client"
-        return (
+        warning = NO_GUARANTEE.format(who="the server") if plan.insecure else ""
+        return warning + (
             f"The released global models of all {rounds} rounds satisfy ({epsilon:.3f}, {config.target_delta:g})-DP "
             f"at the user level (neighbouring datasets differ in all data of one client, "
-            f"{described['neighbouring_relation']}), by the Gaussian mechanism on updates clipped by {where} "
+            f"{described['neighbouring_relation']}; the adversary sees everything released, the server is trusted), "
+            f"by the Gaussian mechanism on updates clipped by {where} "
             f"(L2 norm {clip}) with noise multiplier {plan.noise_multiplier:.4f} over a fixed denominator of "
             f"{plan.expected_clients} clients, {config.sampling} sampling of clients (rate {described['sample_rate']:.4g}), "
-            f"accounted with dp-accounting's {config.accountant.upper()} accountant; per-client metrics are not released."
+            f"noise and sampling drawn from a CSPRNG keyed from the server's OS entropy, "
+            f"accounted with dp-accounting's {config.accountant.upper()} accountant; {USER_LEVEL_RELEASE}."
         )
+    warning = NO_GUARANTEE.format(who="a client") if debug_clients else ""
     if config.dp == "dpsgd":
         eps = "n/a" if sample_epsilon is None else f"{sample_epsilon:.3f}"
-        return (
+        return warning + (
             f"Each client's model updates over all rounds it trained in satisfy ({eps}, {config.target_delta:g})-DP "
-            f"at the sample level (one example added or removed from that client's data; the maximum over clients), "
+            f"at the sample level (one example added or removed from that client's data; the maximum over clients; "
+            f"the adversary is everyone else, the server included), "
             f"by DP-SGD with Poisson-sampled batches and per-example clipping at {config.clipping_norm}, "
-            f"accounted with Opacus's RDP accountant across rounds; local dataset sizes are treated as public."
+            f"batches and noise drawn from each client's own CSPRNG, each client enforcing its own policy "
+            f"(epsilon cap, minimum noise, maximum delta), "
+            f"accounted with Opacus's RDP accountant across rounds; local dataset sizes are treated as public; "
+            f"{CLIENT_RELEASE}."
         )
     eps = "n/a" if epsilon is None else f"{epsilon:.3f}"
-    return (
+    return warning + (
         f"Each client's released updates over all rounds it took part in satisfy ({eps}, {config.target_delta:g})-local DP "
         f"(any two updates of that client are neighbours; the maximum over clients), by the {config.local_mechanism} "
-        f"mechanism each client applies itself after clipping to {config.clipping_norm}, composed over rounds "
-        f"with dp-accounting; no one else needs to be trusted."
+        f"mechanism each client applies itself after clipping to {config.clipping_norm}, with noise from its own "
+        f"CSPRNG, composed over every release (a repeated request included) with dp-accounting; each client "
+        f"enforces its own policy, so no one else needs to be trusted; {CLIENT_RELEASE}."
     )
 
 

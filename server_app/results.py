@@ -71,11 +71,17 @@ class RunRecorder:
     def path(self, name: str) -> str:
         return os.path.join(self.output_dir, name)
 
-    def add_round(self, row: dict[str, Any]) -> None:
+    def add_round(self, row: dict[str, Any], publish: bool = True) -> None:
+        """Record a round; ``publish=False`` holds it back (until :meth:`publish`), e.g. until the
+        checkpoint that covers it is on disk."""
         row = row | self.constant_columns
         self.rows.append({key: _json_safe(row.get(key)) for key in METRIC_COLUMNS} | {
             key: _json_safe(value) for key, value in row.items() if key not in METRIC_COLUMNS
         })
+        if publish:
+            self.publish()
+
+    def publish(self) -> None:
         self._write_metrics()
 
     def restore(self, rows: list[dict[str, Any]]) -> None:

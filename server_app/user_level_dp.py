@@ -23,6 +23,12 @@ tests/test_flower_dp_audit.py.)
 With adaptive clipping the clipped-count query of Andrew et al. (2021) also touches the
 data; the update noise then uses the larger effective multiplier z_delta so that the pair
 costs what the ledger is told (z). See common/privacy/adaptive_clipping.py.
+
+Randomness: the update noise and the count noise come from ``rng``, the server's secret
+CSPRNG (:class:`common.privacy.secret_random.SecretRandom`: AES-256-CTR keyed from the OS's
+entropy, Gaussian drawn as a sum of four draws against floating-point attacks). It is never
+derived from ``seed``: noise that can be regenerated can be subtracted, leaving the clipped
+sum itself (tests/test_red_team.py tries).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.privacy.adaptive_clipping import AdaptiveClipping, effective_noise_multiplier
+from common.privacy.secret_random import SecretRandom
 from common.privacy.clipping import (
     Arrays,
     apply_delta,
@@ -63,7 +70,7 @@ class UserLevelDP:
         clipping_norm: float,
         expected_clients: float,
         clip_on_server: bool,
-        seed: int,
+        rng: SecretRandom,
         adaptive: AdaptiveClipping | None = None,
     ):
         self.noise_multiplier = noise_multiplier
@@ -71,7 +78,7 @@ class UserLevelDP:
         self.expected_clients = expected_clients
         self.clip_on_server = clip_on_server
         self.adaptive = adaptive
-        self.rng = np.random.default_rng(seed)
+        self.rng = rng
         # Noise multiplier actually applied to the update sum (z_delta >= z with adaptive clipping).
         self.update_noise_multiplier = noise_multiplier
         if adaptive is not None:

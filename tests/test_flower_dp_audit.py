@@ -30,6 +30,7 @@ from flwr.supercore.differential_privacy import (
 )
 
 from common.privacy.adaptive_clipping import AdaptiveClipping, effective_noise_multiplier
+from common.privacy.secret_random import SecretRandom
 from common.privacy.clipping import (
     apply_delta,
     arrays_from_record,
@@ -161,7 +162,7 @@ def test_a3_our_rule_converges_to_the_target_quantile_and_flowers_runs_away():
     draws = [norm_rng.choice(population, size=m) for _ in range(rounds)]
 
     ours = AdaptiveClipping(initial_clipping_norm=0.1)  # gamma 0.5, eta 0.2, sigma_b = m/20 = 2
-    count_rng = np.random.default_rng(99)
+    count_rng = SecretRandom.from_debug_key('99')
     for rnd, norms in enumerate(draws):
         _our_adaptive_round(ours, norms, count_rng, seed=rnd)
     unclipped_share = float(np.mean(population <= ours.clipping_norm))
@@ -391,17 +392,17 @@ def test_d3_delta_roundtrip_through_flower_arrayrecord():
 
 def test_d4_gaussian_noise_like_has_the_requested_std_and_shapes():
     template = {"w": np.zeros((300, 300), dtype=np.float32), "b": np.zeros(7, dtype=np.float64)}
-    noise = gaussian_noise_like(template, 0.25, np.random.default_rng(0))
+    noise = gaussian_noise_like(template, 0.25, SecretRandom.from_debug_key('0'))
     assert {k: (v.shape, v.dtype) for k, v in noise.items()} == {k: (v.shape, v.dtype) for k, v in template.items()}
     assert float(np.std(noise["w"])) == pytest.approx(0.25, rel=0.01)
-    again = gaussian_noise_like(template, 0.25, np.random.default_rng(0))
+    again = gaussian_noise_like(template, 0.25, SecretRandom.from_debug_key('0'))
     assert all(np.array_equal(noise[k], again[k]) for k in noise)  # reproducible from the seed
-    assert not np.any(gaussian_noise_like(template, 0.0, np.random.default_rng(0))["w"])
+    assert not np.any(gaussian_noise_like(template, 0.0, SecretRandom.from_debug_key('0'))["w"])
 
 
 def test_d5_adaptive_clipping_state_noise_and_effective_multiplier():
     clip = AdaptiveClipping(initial_clipping_norm=0.3)
-    rng = np.random.default_rng(5)
+    rng = SecretRandom.from_debug_key('5')
     # with the paper's count noise (sigma_b = m/20 = 5 for m = 100) the direction is still right
     assert clip.update([0] * 100, 100, rng) > 0.3
     up = clip.clipping_norm

@@ -90,7 +90,7 @@ def test_clients_gone_before_round_one_stop_the_run_cleanly():
             return []
 
     federation = Federation(
-        grid=EmptyGrid(), strategy=None, privacy=None, eval_sampler=None, recorder=None,
+        grid=EmptyGrid(), strategy=None, privacy=None, eval_sampler=None, recorder=None, diagnostics=None,
         central_eval=None, num_features=4, num_classes=2, min_available_clients=2,
         federated_evaluation=False, wait_timeout=0.01,
     )

@@ -8,10 +8,16 @@ from common.config import ConfigError, RunConfig
 from common.names import MEAN_BASED_STRATEGIES, STRATEGIES
 from common.privacy.adaptive_clipping import AdaptiveClipping, effective_noise_multiplier
 from common.privacy.clipping import update_norm
+from common.privacy.secret_random import SecretRandom
 from server_app.privacy import plan_privacy
 from server_app.user_level_dp import UserLevelDP
 
 SIZE = 20_000  # coordinates per draw
+
+
+def _rng(n: int) -> SecretRandom:
+    """The production generator, keyed reproducibly so these statistical checks never flake."""
+    return SecretRandom.from_debug_key(f"test-user-level-dp-{n}")
 
 
 def _global():
@@ -29,7 +35,7 @@ def _clients(norms, seed=0):
 
 @pytest.mark.parametrize("z, clip, m", [(1.0, 1.0, 10), (0.7, 2.5, 4), (3.0, 0.1, 50)])
 def test_noise_std_matches_z_c_over_m(z, clip, m):
-    dp = UserLevelDP(z, clip, expected_clients=m, clip_on_server=True, seed=1)
+    dp = UserLevelDP(z, clip, expected_clients=m, clip_on_server=True, rng=_rng(1))
     clients = _clients([0.5 * clip] * 3)
     expected_mean = sum(c["w"] for c in clients) / m  # unclipped (within the norm), fixed denominator
     draws = [dp.aggregate(_global(), clients)[0]["w"] - expected_mean for _ in range(5)]
@@ -40,7 +46,7 @@ def test_noise_std_matches_z_c_over_m(z, clip, m):
 
 def test_clipping_bounds_every_update_and_uses_the_fixed_denominator():
     clip, m = 1.0, 8
-    dp = UserLevelDP(0.0, clip, expected_clients=m, clip_on_server=True, seed=0)
+    dp = UserLevelDP(0.0, clip, expected_clients=m, clip_on_server=True, rng=_rng(0))
     for norm in (1e-9, 0.3, 0.999, 7.0, 1e6):
         new, done = dp.aggregate(_global(), _clients([norm]))
         assert update_norm(new) == pytest.approx(min(norm, clip) / m, rel=1e-6)
@@ -51,27 +57,27 @@ def test_clipping_bounds_every_update_and_uses_the_fixed_denominator():
 
 
 def test_zero_update_does_not_crash():
-    dp = UserLevelDP(1.0, 1.0, expected_clients=2, clip_on_server=True, seed=0)
+    dp = UserLevelDP(1.0, 1.0, expected_clients=2, clip_on_server=True, rng=_rng(0))
     new, _ = dp.aggregate(_global(), [{"w": np.zeros(SIZE)}, {"w": np.zeros(SIZE)}])
     assert np.all(np.isfinite(new["w"]))
 
 
 def test_client_mode_rejects_updates_beyond_the_norm():
-    dp = UserLevelDP(0.0, 1.0, expected_clients=2, clip_on_server=False, seed=0)
+    dp = UserLevelDP(0.0, 1.0, expected_clients=2, clip_on_server=False, rng=_rng(0))
     new, done = dp.aggregate(_global(), _clients([0.5, 5.0]), client_bits=[1, 1])
     assert done.num_rejected == 1
     assert update_norm(new) == pytest.approx(0.5 / 2)
 
 
 def test_an_empty_poisson_round_still_releases_noise():
-    dp = UserLevelDP(1.0, 1.0, expected_clients=5, clip_on_server=True, seed=0)
+    dp = UserLevelDP(1.0, 1.0, expected_clients=5, clip_on_server=True, rng=_rng(0))
     new, _ = dp.aggregate(_global(), [])
     assert new["w"].std() == pytest.approx(1.0 / 5, rel=0.05)
 
 
 def test_adaptive_clipping_uses_the_effective_noise_and_moves_the_norm_up_when_all_are_clipped():
     adaptive = AdaptiveClipping(initial_clipping_norm=1.0, count_noise_std=2.0)
-    dp = UserLevelDP(1.0, 1.0, expected_clients=10, clip_on_server=True, seed=0, adaptive=adaptive)
+    dp = UserLevelDP(1.0, 1.0, expected_clients=10, clip_on_server=True, rng=_rng(0), adaptive=adaptive)
     z_delta = effective_noise_multiplier(1.0, 2.0)
     assert z_delta > 1.0
     new, done = dp.aggregate(_global(), _clients([50.0] * 10))

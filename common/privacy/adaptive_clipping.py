@@ -38,9 +38,10 @@ same sampled clients feed both queries.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import numpy as np
+if TYPE_CHECKING:  # pragma: no cover
+    from common.privacy.secret_random import SecretRandom
 
 DEFAULT_TARGET_UNCLIPPED_QUANTILE = 0.5
 DEFAULT_CLIP_LEARNING_RATE = 0.2
@@ -75,8 +76,9 @@ class AdaptiveClipping:
     """Holds the clipping norm C and applies Andrew et al.'s geometric update once per round.
 
     ``count_noise_std=None`` means sigma_b = expected_clients / 20 at each update (constant
-    as long as the expected number of clients per round is). The caller owns the ``rng``
-    (a seeded ``numpy.random.Generator``), so a run is reproducible.
+    as long as the expected number of clients per round is). The caller owns the ``rng``:
+    the server's secret CSPRNG (:class:`common.privacy.secret_random.SecretRandom`), since
+    count noise an observer could regenerate would reveal the exact clipped count.
     """
 
     def __init__(
@@ -108,7 +110,7 @@ class AdaptiveClipping:
         return default_count_noise_std(expected_clients)
 
     def noisy_unclipped_fraction(
-        self, bits: Iterable[int | bool], expected_clients: float, rng: np.random.Generator | None
+        self, bits: Iterable[int | bool], expected_clients: float, rng: "SecretRandom | None"
     ) -> float:
         """The released b_bar: (sum(b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2, clamped to [0, 1]."""
         m = float(expected_clients)
@@ -122,11 +124,11 @@ class AdaptiveClipping:
         if sigma_b > 0:
             if rng is None:
                 raise ValueError("an rng is required when the count noise std is positive")
-            centred += float(rng.normal(0.0, sigma_b))
+            centred += float(rng.gaussian((), sigma_b))
         return min(1.0, max(0.0, centred / m + 0.5))
 
     def update(
-        self, bits: Iterable[int | bool], expected_clients: float, rng: np.random.Generator | None
+        self, bits: Iterable[int | bool], expected_clients: float, rng: "SecretRandom | None"
     ) -> float:
         """Apply one round's bits (1 = unclipped at the current C); return the new C."""
         fraction = self.noisy_unclipped_fraction(bits, expected_clients, rng)

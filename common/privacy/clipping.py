@@ -23,6 +23,8 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import ArrayRecord
 
+    from common.privacy.secret_random import SecretRandom
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -102,18 +104,18 @@ def apply_delta(old: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) 
     return out
 
 
-def gaussian_noise_like(delta: Mapping[str, np.ndarray], std: float, rng: np.random.Generator) -> Arrays:
+def gaussian_noise_like(delta: Mapping[str, np.ndarray], std: float, rng: "SecretRandom") -> Arrays:
     """Independent N(0, std^2) noise with the names, shapes and float dtypes of ``delta``.
 
     For DP-FedAvg over a fixed denominator m: ``std = z * C / m`` added to the mean update.
+    ``rng`` is the server's secret CSPRNG (:class:`common.privacy.secret_random.SecretRandom`):
+    noise an observer could regenerate (e.g. from the public seed) could be subtracted.
     """
     std = float(std)
     if not (math.isfinite(std) and std >= 0.0):
         raise ValueError(f"std must be non-negative and finite, got {std}")
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError("rng must be a numpy.random.Generator (seeded by the caller)")
     return {
-        key: rng.normal(0.0, std, size=np.shape(value)).astype(_float_dtype(np.asarray(value).dtype))
+        key: rng.gaussian(np.shape(value), std).astype(_float_dtype(np.asarray(value).dtype))
         for key, value in delta.items()
     }
 

@@ -1,0 +1,224 @@
+"""SecretRandom: the random source every DP guarantee of this app rests on.
+
+Why: a DP mechanism is private only if the adversary cannot predict its noise (or its
+sampling). Noise drawn from a generator seeded with the public run ``seed`` can be replayed
+and subtracted, so its epsilon is infinite. Every draw a guarantee relies on (server noise,
+client sampling, DP-SGD batches and noise, local-DP noise) comes from this class instead; the
+run ``seed`` is kept for non-private things only (data split, model init, shuffles).
+
+Generator: the keystream of AES-256 in CTR mode (``cryptography``, OpenSSL), keyed with 32
+bytes from ``os.urandom`` on the machine that adds the noise. Block i of the keystream is
+AES_k(i), i a 16-byte big-endian counter starting at 0 (a zero nonce is fine: a key serves one
+stream). Without the key the keystream of a secure block cipher is indistinguishable from
+uniform random bytes (AES as a pseudo-random permutation/function); the key never leaves the
+machine, so nobody else can replay the draws. ``position`` counts the keystream bytes used, so
+``state_dict``/``from_state_dict`` resume the same stream exactly (counter p // 16, drop
+p % 16 bytes). The state holds the key: it is as secret as the unnoised aggregate it protects
+(store it like that, never in a public file; pickling is refused for this reason).
+
+Conversions (all vectorised): uniform = top 53 bits of a little-endian uint64 times 2^-53, in
+[0, 1). Bernoulli(p) = uniform < p (P(True) = p rounded up to a multiple of 2^-53). Integers
+below b by rejection (arc4random_uniform: reject r < 2^64 mod b, then r mod b): exactly
+uniform. Normals by Marsaglia's polar method (exact in real arithmetic).
+
+Floating-point attacks (Mironov 2012; Jin et al. 2022 on Gaussian samplers) read the input
+from the low-order bits of ``x + noise`` because the float noise cannot reach every float.
+* ``gaussian`` uses Opacus's secure_mode mitigation after Holohan & Braghin 2021 (section
+  5.1): the sum of 4 independent N(0, std^2) draws divided by 2, still N(0, std^2). By their
+  and Opacus's analysis this raises the cost of the known attack from ~2^53 to ~2^159
+  (2^(p(2n-1)), p = 53, n = 2). It is a mitigation, not a proof of exact DP on floats. The
+  sum is done in float64; a float32 tensor gets one final rounding of the result.
+* ``discrete_laplace`` returns integers: noise added to a value on a grid g (as g * integer)
+  gives an integer multiple of g, whose low-order bits carry nothing about the input. Floats
+  remain only in the geometric inverse CDF G = floor(-scale * ln u), u on the 2^-53 grid of
+  (0, 1]: each tail probability P(G >= k) is off by a few 2^-53 (grid, ln rounding), and G is
+  cut at -scale * ln 2^-53 ~ 36.7 * scale. These distortions do not depend on the data; outside
+  a tail of mass ~2^-53 / eta they move the probability ratio of neighbouring outputs by at
+  most a factor e^eta (eta = 1e-3: tail ~1e-13), i.e. a negligible extra delta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import TYPE_CHECKING, Sequence, TypeVar
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+KEY_BYTES = 32
+BLOCK = 16
+CHUNK = 1 << 18  # keystream bytes per cipher call: stays in cache, ~4x faster than one big call
+_ZEROS = bytes(CHUNK)
+NORMAL_BLOCK = 1 << 16  # polar-method candidate pairs per pass: ~2x faster than one big pass
+
+
+def _count(size) -> tuple[tuple[int, ...], int]:
+    shape = (int(size),) if np.isscalar(size) else tuple(int(s) for s in size)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"negative dimension in {size!r}")
+    return shape, math.prod(shape)
+
+
+class SecretRandom:
+    """A CSPRNG stream (AES-256-CTR keyed from os.urandom) with the draws DP mechanisms need."""
+
+    def __init__(self, key: bytes | None = None, position: int = 0, debug: bool = False):
+        key = os.urandom(KEY_BYTES) if key is None else bytes(key)
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+        if int(position) < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        self._key = key
+        self._position = int(position)
+        self.debug = bool(debug)
+        block, skip = divmod(self._position, BLOCK)
+        counter = (block % 2**128).to_bytes(BLOCK, "big")
+        self._stream = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
+        self._stream.update(bytes(skip))
+
+    @classmethod
+    def from_debug_key(cls, text: str) -> "SecretRandom":
+        """A stream keyed by sha256(text): reproducible for debugging, NOT private (debug=True)."""
+        return cls(hashlib.sha256(text.encode()).digest(), debug=True)
+
+    @property
+    def position(self) -> int:
+        """Keystream bytes consumed so far."""
+        return self._position
+
+    def random_bytes(self, n: int) -> np.ndarray:
+        """The next ``n`` keystream bytes (uint8), encrypted in cache-sized chunks into one buffer."""
+        buffer = np.empty(n + BLOCK, dtype=np.uint8)  # update_into wants block - 1 spare bytes
+        zeros = memoryview(_ZEROS)
+        for start in range(0, n, CHUNK):
+            length = min(CHUNK, n - start)
+            self._stream.update_into(zeros[:length], buffer[start : start + length + BLOCK - 1])
+        self._position += n
+        return buffer[:n]
+
+    def _uint64(self, count: int) -> np.ndarray:
+        return self.random_bytes(8 * count).view("<u8").astype(np.uint64, copy=False)
+
+    def uniform(self, size) -> np.ndarray:
+        """float64 in [0, 1), each with 53 random bits: (r >> 11) * 2^-53."""
+        shape, count = _count(size)
+        bits = self._uint64(count)
+        np.right_shift(bits, np.uint64(11), out=bits)
+        out = bits.astype(np.float64)  # exact: < 2^53
+        out *= 2.0**-53
+        return out.reshape(shape)
+
+    def bernoulli(self, p: float, size) -> np.ndarray:
+        """bool array with P(True) = p (to 2^-53), e.g. Poisson sampling of clients or examples."""
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        return self.uniform(size) < p
+
+    def below(self, bounds) -> np.ndarray:
+        """Independent exactly-uniform integers in [0, b) per bound b >= 1 (rejection sampling)."""
+        bounds = np.asarray(bounds, dtype=np.uint64)
+        if np.any(bounds == 0):
+            raise ValueError("bounds must be >= 1")
+        threshold = (~bounds + np.uint64(1)) % bounds  # 2^64 mod b
+        out = self._uint64(bounds.size).reshape(bounds.shape)
+        reject = out < threshold
+        while reject.any():  # probability < b / 2^64 per draw
+            out[reject] = self._uint64(int(reject.sum()))
+            reject = out < threshold
+        return out % bounds
+
+    def choice_without_replacement(self, items: Sequence[T], k: int) -> list[T]:
+        """A uniformly random k-subset of ``items`` (partial Fisher-Yates with exact integers)."""
+        pool = list(items)
+        if not 0 <= k <= len(pool):
+            raise ValueError(f"k must be in [0, {len(pool)}], got {k}")
+        offsets = self.below(np.arange(len(pool), len(pool) - k, -1)) if k else []
+        for i, offset in enumerate(offsets):
+            j = i + int(offset)
+            pool[i], pool[j] = pool[j], pool[i]
+        return pool[:k]
+
+    def standard_normal(self, size) -> np.ndarray:
+        """float64 N(0, 1) by Marsaglia's polar method (both outputs of each pair used).
+
+        (u, v) uniform in the square [-1, 1)^2, kept if 0 < s = u^2 + v^2 < 1 (probability
+        pi/4); then u * sqrt(-2 ln s / s) and v * sqrt(-2 ln s / s) are independent N(0, 1).
+        Box-Muller would need cos and sin, ~3x slower here. The rejections depend only on the
+        keystream, never on data.
+        """
+        shape, count = _count(size)
+        pairs = (count + 1) // 2
+        out = np.empty(2 * pairs)
+        done = 0
+        while done < pairs:  # blocks of <= NORMAL_BLOCK candidates: temporaries stay in cache
+            candidates = min(int(1.3 * (pairs - done)) + 32, NORMAL_BLOCK)
+            uv = self.uniform(2 * candidates)
+            uv *= 2.0
+            uv -= 1.0  # exact: multiples of 2^-52 in [-1, 1)
+            u, v = uv[:candidates], uv[candidates:]
+            s = u * u
+            s += v * v
+            keep = (s > 0.0) & (s < 1.0)
+            u, v, s = (np.compress(keep, a)[: pairs - done] for a in (u, v, s))
+            factor = np.log(s)
+            factor *= -2.0
+            factor /= s
+            np.sqrt(factor, out=factor)
+            np.multiply(u, factor, out=out[done : done + len(s)])
+            np.multiply(v, factor, out=out[pairs + done : pairs + done + len(s)])
+            done += len(s)
+        return out[:count].reshape(shape)
+
+    def gaussian(self, shape, std: float) -> np.ndarray:
+        """float64 N(0, std^2) per coordinate as (d1 + d2 + d3 + d4) / 2, di ~ N(0, std^2) (see module)."""
+        if not std >= 0.0:
+            raise ValueError(f"std must be >= 0, got {std}")
+        shape, count = _count(shape)
+        if std == 0.0:
+            return np.zeros(shape)
+        draws = self.standard_normal((4, count))
+        draws *= std
+        out = draws[0] + draws[1]
+        out += draws[2]
+        out += draws[3]
+        out /= 2.0
+        return out.reshape(shape)
+
+    def discrete_laplace(self, shape, scale: float) -> np.ndarray:
+        """int64 with P(k) ~ exp(-|k| / scale): G1 - G2, G geometric with P(G >= k) = exp(-k / scale)."""
+        if not scale >= 0.0:
+            raise ValueError(f"scale must be >= 0, got {scale}")
+        shape, count = _count(shape)
+        if scale == 0.0:
+            return np.zeros(shape, dtype=np.int64)
+        u = 1.0 - self.uniform((2, count))  # (0, 1]
+        geometric = np.floor(-scale * np.log(u)).astype(np.int64)
+        return (geometric[0] - geometric[1]).reshape(shape)
+
+    def torch_gaussian_like(self, reference: "torch.Tensor", std: float) -> "torch.Tensor":
+        """``gaussian`` noise with the shape, dtype and device of ``reference``."""
+        import torch
+
+        noise = torch.from_numpy(self.gaussian(tuple(reference.shape), std))
+        return noise.to(dtype=reference.dtype, device=reference.device)
+
+    def state_dict(self) -> dict:
+        """Plain JSON {"key", "position", "debug"}. SECRET: as secret as the unnoised aggregate."""
+        return {"key": self._key.hex(), "position": self._position, "debug": self.debug}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "SecretRandom":
+        """Continue exactly the stream a ``state_dict`` was taken from."""
+        return cls(bytes.fromhex(state["key"]), int(state["position"]), bool(state.get("debug", False)))
+
+    def __reduce__(self):
+        raise TypeError("SecretRandom holds a secret key and is never pickled; use state_dict() for secret storage")
+
+    def __repr__(self) -> str:
+        return f"SecretRandom(position={self._position}, debug={self.debug})"
