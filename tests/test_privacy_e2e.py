@@ -19,8 +19,12 @@ MODES = {
     "client-adaptive": {"dp": "client", "clipping": "adaptive", "sampling": "all", "noise-multiplier": 0.3,
                         "clipping-norm": 0.5},
     "dpsgd": {"dp": "dpsgd", "target-epsilon": 8.0, "clipping-norm": 1.0, "learning-rate": 0.2},
-    "local": {"dp": "local", "noise-multiplier": 0.02, "clipping-norm": 1.0},
+    # Local DP that stays within a client's default policy (epsilon <= 10): honest, but too noisy to
+    # learn on digits; that local DP learns with a cap the client raised itself is tested in process
+    # (tests/test_client_policy.py), since Flower's simulation gives nodes no config of their own.
+    "local": {"dp": "local", "noise-multiplier": 3.0, "clipping-norm": 1.0},
 }
+LEARNS = {"server-poisson", "client-adaptive", "dpsgd"}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -28,7 +32,8 @@ def test_each_mode_learns_and_writes_its_ledger(tmp_path, mode):
     rounds = 4
     metrics, summary = read_results(run_app({"output-dir": str(tmp_path), "num-server-rounds": rounds} | MODES[mode], 10))
     assert len(metrics) == rounds
-    assert summary["final_central_accuracy"] > 0.2, [r["central_accuracy"] for r in metrics]
+    if mode in LEARNS:
+        assert summary["final_central_accuracy"] > 0.2, [r["central_accuracy"] for r in metrics]
     assert all(PRIVACY_FIELDS <= set(row) for row in metrics) and SUMMARY_FIELDS <= set(summary)
     assert all(row["delta"] == 1e-5 for row in metrics)
     key = "sample_epsilon_max" if mode == "dpsgd" else "epsilon"
@@ -38,6 +43,8 @@ def test_each_mode_learns_and_writes_its_ledger(tmp_path, mode):
     assert (tmp_path / "privacy.png").stat().st_size > 0
     if mode == "dpsgd":
         assert epsilons[-1] <= 8.0  # calibrated for every planned round
+    if mode == "local":
+        assert epsilons[-1] <= 10.0  # every client kept within its own default cap
     if mode == "client-adaptive":
         clips = [row["clipping_norm"] for row in metrics]
         assert len(set(clips)) > 1  # the norm adapts
