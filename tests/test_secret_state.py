@@ -1,0 +1,91 @@
+"""The server's secret state stays secret: the noise key is never in the (shareable) checkpoint,
+lives in a 0600 file and resumes the exact stream; exact counts go to an operator-only file;
+fixed-size DP sampling never samples from fewer clients than it accounts for."""
+
+import json
+import logging
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from common.config import RunConfig
+from common.privacy.secret_random import SecretRandom
+from server_app.checkpoint import CHECKPOINT_FILE, SECRET_FILE, Checkpoint, load_checkpoint, save_checkpoint
+from server_app.diagnostics import DIAGNOSTICS_FILE, Diagnostics
+from server_app.federation import Federation, WaitTimeout
+from server_app.privacy import plan_privacy
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_the_checkpoint_holds_no_key_and_a_resume_continues_the_same_stream(tmp_path):
+    plan = plan_privacy(RunConfig(dp="server", sampling="poisson", clients_per_round=3), num_clients=10)
+    plan.secret.gaussian((5,), 1.0)  # the stream has moved on before the checkpoint
+    key = bytes.fromhex(plan.secret.state_dict()["key"])
+    save_checkpoint(str(tmp_path), Checkpoint(1, None, {"privacy": plan}, [], {"seed": 1}, 1.0))
+
+    pickled = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    assert key not in pickled and key.hex().encode() not in pickled
+    assert _mode(tmp_path / SECRET_FILE) == 0o600
+    assert json.loads((tmp_path / SECRET_FILE).read_text())["key"] == key.hex()
+
+    restored = load_checkpoint(str(tmp_path), {"seed": 1}).federation_state["privacy"]
+    # One generator shared by the sampler, the noise and the adaptive clipping, as before.
+    assert restored.sampler.rng is restored.aggregator.rng is restored.secret
+    assert np.array_equal(restored.secret.gaussian((100,), 1.0), plan.secret.gaussian((100,), 1.0))
+
+
+def test_a_resume_without_the_secret_file_says_what_is_missing(tmp_path):
+    plan = plan_privacy(RunConfig(dp="server", sampling="all"), num_clients=4)
+    save_checkpoint(str(tmp_path), Checkpoint(1, None, {"privacy": plan}, [], {"seed": 1}, 1.0))
+    (tmp_path / SECRET_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="secret state .* is missing"):
+        load_checkpoint(str(tmp_path), {"seed": 1})
+
+
+def test_a_secret_generator_refuses_to_be_pickled_anywhere_else():
+    import pickle
+
+    with pytest.raises(TypeError):
+        pickle.dumps(SecretRandom())
+
+
+def test_dp_counts_and_client_events_go_to_an_operator_only_file(tmp_path, caplog):
+    diagnostics = Diagnostics(str(tmp_path), private=True)
+    with caplog.at_level(logging.DEBUG):
+        assert diagnostics.counts(3, {"num_replies": 4, "num_clipped": 1}) == {}
+        diagnostics.event(3, "client 17 failed: boom")
+    assert "client 17" not in caplog.text
+    lines = [json.loads(line) for line in (tmp_path / DIAGNOSTICS_FILE).read_text().splitlines()]
+    assert lines == [{"round": 3, "num_replies": 4, "num_clipped": 1}, {"round": 3, "event": "client 17 failed: boom"}]
+    assert _mode(tmp_path / DIAGNOSTICS_FILE) == 0o600
+
+
+def test_without_dp_the_counts_are_ordinary_columns(tmp_path):
+    diagnostics = Diagnostics(str(tmp_path), private=False)
+    assert diagnostics.counts(1, {"num_replies": 4}) == {"num_replies": 4}
+    assert not (tmp_path / DIAGNOSTICS_FILE).exists()
+
+
+def test_fixed_dp_sampling_waits_for_the_whole_accounted_population():
+    """m of N is accounted at rate m/N: with N-1 connected the real rate would be higher."""
+
+    class Grid:
+        def get_node_ids(self):
+            return [11, 12, 13, 14]  # one of the five clients the ledger was opened for is gone
+
+    plan = plan_privacy(RunConfig(dp="server", sampling="fixed", clients_per_round=2), num_clients=5)
+    federation = Federation(
+        grid=Grid(), strategy=None, privacy=plan, eval_sampler=None, recorder=None, diagnostics=None,
+        central_eval=None, num_features=4, num_classes=2, min_available_clients=2,
+        federated_evaluation=False, wait_timeout=0.01,
+    )
+    with pytest.raises(WaitTimeout, match="only 4 of the 5 required clients .fixed DP sampling"):
+        federation.wait_for_clients()
+    poisson = plan_privacy(RunConfig(dp="server", sampling="poisson", clients_per_round=2), num_clients=5)
+    federation.privacy = poisson  # a missing client is sampled with probability 0 <= q: no wait
+    assert federation.wait_for_clients() == [11, 12, 13, 14]
