@@ -1,17 +1,28 @@
 """Sample-level DP-SGD on one client with Opacus, accounted across every round it trains in.
 
-Mechanism (Abadi et al., CCS 2016): each step samples a batch by Poisson sampling with rate
-q = batch-size / n_local, clips every per-example gradient to L2 norm ``clipping-norm``, sums,
-and adds Gaussian noise with std ``noise-multiplier * clipping-norm``. Neighbouring relation:
-this client's dataset with one example added or removed (sample-level). Accountant: Opacus's
-RDP accountant (``opacus.accountants.RDPAccountant``), whose history of (sigma, q, steps) is
-saved after every round and restored before the next, so the epsilon a client reports is
-cumulative over all rounds it trained in (Flower's Opacus example builds a fresh engine per
-round and reports one round only). The local dataset size n_local is treated as public.
+Mechanism (Abadi et al., CCS 2016): every step forms a batch by Poisson sampling (each local
+example included independently with probability q), clips every per-example gradient to L2
+norm C = ``clipping-norm``, sums, and adds Gaussian noise N(0, (sigma * C)^2) per coordinate.
+An epoch is exactly s = ceil(n/B) such steps with q = 1/s (mean batch n/s <= B), n = local
+examples, B = ``batch-size`` (:func:`sampling_per_epoch`); an empty batch is a noise-only step.
+Neighbouring relation: this client's dataset with one example added or removed (sample-level);
+n is treated as public.
 
-With ``target-epsilon`` the noise multiplier is solved before training so that training in
-EVERY planned round (the worst case for this client) ends at the target, with the sample
-rate and step count Opacus's Poisson loader really uses (:func:`sampling_per_epoch`).
+Randomness: batches and noise both come from a :class:`SecretRandom` (AES-256-CTR keyed from
+os.urandom on this client), never from the run seed, so nobody can replay them: that secrecy
+is what the sampled Gaussian analysis assumes. Opacus draws neither: we hand ``make_private``
+our own Poisson batch sampler (``poisson_sampling=False`` keeps it; Opacus's DPDataLoader
+takes int(1/q) steps, e.g. 92 instead of 93 for n=1480, B=16, and its accountant then uses
+1/92, ending a run calibrated for 3 at 3.01) and replace the optimizer's ``add_noise`` by the
+same code with the noise from ``SecretRandom.gaussian`` (sum of 4 draws / 2 against
+floating-point attacks; torch's generator is not a CSPRNG and Opacus's secure_mode needs
+torchcsprng, which is not installed).
+
+Accountant: Opacus's RDP accountant (sampled Gaussian mechanism, Mironov et al. 2019), stepped
+by Opacus's own optimizer hook with sample rate 1/len(loader) = q, once per step. Its history
+of (sigma, q, steps) is saved after every round and restored before the next, so the epsilon
+reported is cumulative over all rounds. With ``target-epsilon``, sigma is solved so that
+training in EVERY planned round (the worst case for this client) ends at or below the target.
 """
 
 from __future__ import annotations
@@ -24,13 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from client_app.training import make_optimizer
+from common.config import RunConfig
+from common.privacy.secret_random import SecretRandom
 
 # Opacus's hooks fire on the first layer, whose input needs no gradient: harmless, and noisy.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-from common.config import RunConfig
 
 
 @dataclass
@@ -42,11 +54,10 @@ class DPSGDResult:
 
 
 def sampling_per_epoch(num_examples: int, batch_size: int) -> tuple[float, int]:
-    """(sample rate, steps) of one epoch exactly as Opacus's DPDataLoader does them.
+    """(q, s) of one epoch: s = ceil(n/B) Poisson batches, each example in each with rate q = 1/s.
 
-    It takes ceil(n/B) Poisson-sampled batches per epoch, each example with rate 1/ceil(n/B)
-    (not B/n, and not floor(n/B) steps): the accountant must be told the same, or the
-    epsilon it reports misses the target whenever B does not divide n.
+    :class:`PoissonBatches` takes exactly these steps and Opacus's accountant is told exactly
+    this q (``make_private`` uses 1/len(loader)), so the calibration below sees what happens.
     """
     batches = math.ceil(num_examples / batch_size)
     return 1.0 / batches, batches
@@ -71,6 +82,59 @@ def noise_for(config: RunConfig, num_examples: int) -> float:
     )
 
 
+class PoissonBatches(Sampler[list[int]]):
+    """``steps`` batches; each holds every index in range(n) independently with probability q."""
+
+    def __init__(self, num_examples: int, sample_rate: float, steps: int, rng: SecretRandom):
+        self.num_examples, self.sample_rate, self.steps, self.rng = num_examples, sample_rate, steps, rng
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield np.flatnonzero(self.rng.bernoulli(self.sample_rate, self.num_examples)).tolist()
+
+
+class _Examples(TensorDataset):
+    """Fetches a whole batch by one index: an empty batch keeps the feature shape, (0, ...)."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(tensor[index] for tensor in self.tensors)
+
+
+def _fetched(batch):
+    return batch  # collate: __getitems__ already built the batch
+
+
+def poisson_loader(x: np.ndarray, y: np.ndarray, batch_size: int, rng: SecretRandom) -> DataLoader:
+    """One epoch = s Poisson batches at rate q (:func:`sampling_per_epoch`), drawn from ``rng``."""
+    sample_rate, batches = sampling_per_epoch(len(y), batch_size)
+    return DataLoader(
+        _Examples(torch.from_numpy(x), torch.from_numpy(y)),
+        batch_sampler=PoissonBatches(len(y), sample_rate, batches, rng),
+        collate_fn=_fetched,
+    )
+
+
+def draw_noise_from(optimizer, rng: SecretRandom) -> None:
+    """Make Opacus's DPOptimizer add noise from ``rng``: its ``add_noise``, statement for statement."""
+    from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+
+    if type(optimizer).add_noise is not DPOptimizer.add_noise:
+        raise TypeError(f"{type(optimizer).__name__} adds noise its own way; its noise would not be secret")
+
+    def add_noise() -> None:
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            noise = rng.torch_gaussian_like(p.summed_grad, optimizer.noise_multiplier * optimizer.max_grad_norm)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise
+
+
 def _accountant(history: list):
     from opacus.accountants import RDPAccountant
 
@@ -79,44 +143,54 @@ def _accountant(history: list):
     return accountant
 
 
-def train_dpsgd(model: nn.Module, x: np.ndarray, y: np.ndarray, config: RunConfig, history: list, seed: int) -> tuple[DPSGDResult, list]:
-    """Train ``model`` in place with DP-SGD; return the result and the extended accountant history."""
+def train_dpsgd(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: RunConfig,
+    history: list,
+    rng: SecretRandom,
+    max_epsilon: float,
+) -> tuple[DPSGDResult, list]:
+    """Train ``model`` in place with DP-SGD; return the result and the extended accountant history.
+
+    ``rng`` draws the batches and the noise; ``max_epsilon`` is the budget cap (0: none).
+    """
     from opacus import PrivacyEngine
 
     logging.getLogger("flwr").propagate = False  # opacus calls logging.basicConfig on import
     sigma = noise_for(config, len(y))
     sample_rate, batches = sampling_per_epoch(len(y), config.batch_size)
     steps = config.local_epochs * batches
-    if config.max_epsilon:
+    if max_epsilon:
         projected = _accountant(history + [(sigma, sample_rate, steps)]).get_epsilon(config.target_delta)
-        if projected > config.max_epsilon:
+        if projected > max_epsilon:
             spent = _accountant(history).get_epsilon(config.target_delta) if history else 0.0
             reason = (
                 f"privacy budget exhausted: epsilon spent {spent:.3f}, another round would reach "
-                f"{projected:.3f} > max-epsilon {config.max_epsilon}"
+                f"{projected:.3f} > max-epsilon {max_epsilon}"
             )
             return DPSGDResult(float("nan"), spent, sigma, reason), history
 
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=generator,
-    )
+    loader = poisson_loader(x, y, config.batch_size, rng)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # opacus warns that secure_mode (a CSPRNG) is off
+        # "Secure RNG turned off": secure_mode would make Opacus draw batches and noise from
+        # torchcsprng. Opacus draws neither here: both come from ``rng`` (a CSPRNG, with the
+        # same sum-of-4 noise), so the warning does not apply.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-        engine.accountant = _accountant(history)
-        private_model, optimizer, private_loader = engine.make_private(
-            module=model,
-            optimizer=make_optimizer(model, config),
-            data_loader=loader,
-            noise_multiplier=sigma,
-            max_grad_norm=config.clipping_norm,
-            poisson_sampling=True,
-            noise_generator=torch.Generator().manual_seed(seed + 1),
-        )
+    engine.accountant = _accountant(history)
+    private_model, optimizer, private_loader = engine.make_private(
+        module=model,
+        optimizer=make_optimizer(model, config),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=config.clipping_norm,
+        poisson_sampling=False,  # keep our sampler: Opacus accounts q = 1/len(loader) = 1/s
+    )
+    assert private_loader is loader and len(loader) == batches
+    private_model.forbid_grad_accumulation()  # one batch per step, as make_private does for Poisson
+    draw_noise_from(optimizer, rng)
     private_model.train()
     total, count = 0.0, 0
     for _ in range(config.local_epochs):
