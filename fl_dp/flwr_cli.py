@@ -31,13 +31,13 @@ def flwr_bin() -> str:
 def ca_file_problem(path: str) -> str | None:
     """Why ``path`` cannot be the CA certificate a connection trusts, or None if it looks right."""
     if not os.path.isfile(path):
-        return "no such file; pass the ca.crt written by scripts/deploy/make_certs.sh"
+        return "no such file; pass the ca.crt written by fl-dp certs"
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if b"PRIVATE KEY-----" in head:
         return "this is a private key, not a certificate; pass the CA certificate (ca.crt), and keep keys private"
     if b"-----BEGIN CERTIFICATE-----" not in head:
-        return "not a PEM certificate (no BEGIN CERTIFICATE line); pass the ca.crt written by scripts/deploy/make_certs.sh"
+        return "not a PEM certificate (no BEGIN CERTIFICATE line); pass the ca.crt written by fl-dp certs"
     return None
 
 

@@ -2,7 +2,7 @@
 # Generate what a TLS federation with SuperNode authentication needs: a private CA, the SuperLink's
 # server certificate and one ECDSA P-384 OpenSSH key pair per SuperNode. Needs only openssl and ssh-keygen.
 #
-#   scripts/deploy/make_certs.sh [--out DIR] [--clients N] [--san DNS:name|IP:addr ...] [--days D] [--force]
+#   fl-dp certs [--out DIR] [--clients N] [--san DNS:name|IP:addr ...] [--days D] [--force]
 #
 # DIR (default outputs/deploy/certs) gets:
 #   ca.crt                 the CA certificate: give it to every SuperNode and every `flwr` CLI user
@@ -13,7 +13,7 @@
 #   client-<i>.pub         its public key: register it with `flwr supernode register client-<i>.pub CONN`
 #
 # Add a --san for every name or address SuperNodes and CLI users dial, e.g. for separate machines:
-#   scripts/deploy/make_certs.sh --san DNS:fl.example.org --san IP:203.0.113.10
+#   fl-dp certs --san DNS:fl.example.org --san IP:203.0.113.10
 # Existing files are kept (a second run only adds missing clients) unless --force is given.
 set -euo pipefail
 

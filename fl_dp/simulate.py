@@ -5,9 +5,9 @@ Flower's managed local SuperLink keeps running in the background after `flwr run
 machine-wide port. This script instead starts a private simulation SuperLink on free
 loopback ports with a private FLWR_HOME, submits the app with `flwr run --stream`, checks
 the run's final status (`flwr run --stream` exits 0 even when the run failed), and always
-stops the SuperLink it started. Exit code 0 only when the run finished:completed.
+stops the SuperLink it started. Exit code 0 only when every planned round ran (see below).
 
-    python scripts/simulate.py --num-clients 10 --run-config "num-server-rounds=5"
+    fl-dp simulate --num-clients 10 --run-config "num-server-rounds=5"
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from fl_dp import outcome
+from fl_dp.help import HelpFormatter
+from fl_dp.run_config import RunConfigError, parse_overrides, to_flwr, validate
 
 APP_DIR = Path(__file__).resolve().parent.parent
 APP_PARTS = ("pyproject.toml", "common", "client_app", "server_app")
@@ -110,16 +114,40 @@ def run_status(env: dict, run_id: str) -> str:
         return f"unknown ({out.stdout.strip() or out.stderr.strip()})"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def plan_run(run_config: str, output_dir: str, num_clients: int) -> tuple[Path, str]:
+    """The results directory and the checked ``--run-config`` for `flwr run`.
+
+    Everything is checked here, before any SuperLink or Ray starts (RunConfigError: one line,
+    exit code 2). ``output-dir`` may come from ``--output-dir`` or from the run config, not
+    from both with different values.
+    """
+    overrides = parse_overrides(run_config)
+    given = overrides.get("output-dir")
+    if given and output_dir and Path(given).resolve() != Path(output_dir).resolve():
+        raise RunConfigError(f"--output-dir {output_dir} and output-dir={given!r} disagree; give one")
+    chosen = Path(given or output_dir or APP_DIR / "outputs" / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
+    overrides["output-dir"] = str(chosen)
+    validate(overrides)
+    if num_clients < 1:
+        raise RunConfigError(f"--num-clients {num_clients}: give a whole number >= 1")
+    return chosen, to_flwr(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fl-dp simulate", description=__doc__, formatter_class=HelpFormatter, epilog=outcome.__doc__
+    )
     parser.add_argument("--num-clients", type=int, default=10, help="simulated clients (SuperNodes)")
     parser.add_argument("--run-config", default="", help='overrides, e.g. "strategy=\'fedprox\' num-server-rounds=3"')
     parser.add_argument("--output-dir", default="", help="results directory (default: ./outputs/run-<time>)")
-    parser.add_argument("--cpus-per-client", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray reserves per simulated client")
+    args = parser.parse_args(argv)
 
-    output_dir = Path(args.output_dir or APP_DIR / "outputs" / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
-    run_config = f'output-dir="{output_dir}" {args.run_config}'.strip()
+    try:
+        output_dir, run_config = plan_run(args.run_config, args.output_dir, args.num_clients)
+    except RunConfigError as error:
+        print(f"fl-dp simulate: error: {error}", file=sys.stderr)
+        return outcome.USAGE
 
     home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
     http_port, control_port = free_port(), free_port()
@@ -140,6 +168,7 @@ def main() -> int:
         ],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
+    code = outcome.FAILED
     try:
         wait_healthy(http_port, superlink, log_file)
         federation = f"num-supernodes={args.num_clients} client-resources-num-cpus={args.cpus_per_client}"
@@ -157,19 +186,17 @@ def main() -> int:
         streamed.wait()
         if run_id is None:
             print("flwr run did not start a run", file=sys.stderr)
-            return 1
+            return code
         status = run_status(env, run_id)
-        print(f"Run {run_id}: {status}")
-        if status != "finished:completed":
-            print(f"The run did not complete. SuperLink log: {log_file}", file=sys.stderr)
-            return 1
+        code = outcome.exit_code(status, outcome.stop_kind_in_summary(output_dir))
+        print(f"Run {run_id}: {status}, {outcome.describe(code)}", flush=True)
+        if code != outcome.COMPLETED:
+            print(f"The run did not complete all rounds (exit code {code}). SuperLink log, kept: {log_file}",
+                  file=sys.stderr)
         print(f"Results: {output_dir}")
-        return 0
+        return code
     finally:
         stop_process_group(superlink)
-        if superlink.returncode in (0, -signal.SIGTERM, -signal.SIGKILL):
+        stopped_cleanly = superlink.returncode in (0, -signal.SIGTERM, -signal.SIGKILL)
+        if stopped_cleanly and code == outcome.COMPLETED:
             shutil.rmtree(home, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

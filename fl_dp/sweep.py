@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Privacy-utility sweep: the same federation at several target epsilons, and non-private.
 
-Runs ``scripts/simulate.py`` (the real ``flwr run`` path, one private SuperLink per run) once
+Runs ``fl-dp simulate`` (the real ``flwr run`` path, one private SuperLink per run) once
 without privacy (``dp='none'``) and once per target epsilon (``dp=<mode> target-epsilon=<e>``;
 the app solves the noise multiplier for the planned rounds), every run with the same
 ``--num-clients`` and ``--run-config``. After EVERY run it rewrites, in ``--output-dir``:
@@ -10,7 +10,7 @@ the app solves the noise multiplier for the planned rounds), every run with the 
   ``target_epsilon``, ``epsilon_reached`` (user-level epsilon for server/client/local, the
   maximum over clients of the sample-level epsilon for dpsgd; see ``epsilon_level``),
   ``delta``, ``noise_multiplier``, ``final_central_accuracy``, ``best_central_accuracy``,
-  ``rounds``, ``wall_seconds`` (the whole ``simulate.py`` call, Ray start-up included),
+  ``rounds``, ``wall_seconds`` (the whole ``fl-dp simulate`` call, Ray start-up included),
   ``run_dir`` and more;
 - ``privacy_utility.png``: final central accuracy against the epsilon reached, with the
   non-private accuracy as a horizontal line.
@@ -19,10 +19,10 @@ Each run's own results (metrics.json, summary.json, ...) are in ``<output-dir>/r
 and its console output in ``<output-dir>/logs/<name>.log``. Exit code 0 only if every run
 completed.
 
-    .venv/bin/python scripts/sweep.py --dp dpsgd --epsilons 1,3,8 --num-clients 10 \\
+    fl-dp sweep --dp dpsgd --epsilons 1,3,8 --num-clients 10 \\
         --run-config "num-server-rounds=10 local-epochs=1 batch-size=32"
 
-    .venv/bin/python scripts/sweep.py --dp server --epsilons 2,4,8 --num-clients 100 \\
+    fl-dp sweep --dp server --epsilons 2,4,8 --num-clients 100 \\
         --run-config "sampling='poisson' clients-per-round=10 num-server-rounds=50"
 """
 
@@ -40,8 +40,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fl_dp.help import HelpFormatter
+from fl_dp.run_config import RunConfigError, parse_overrides, to_flwr
+
 APP_DIR = Path(__file__).resolve().parent.parent
-SIMULATE = APP_DIR / "scripts" / "simulate.py"
 
 DP_MODES = ("server", "client", "dpsgd", "local")
 # Keys the sweep sets itself for every run.
@@ -91,10 +93,11 @@ def parse_epsilons(text: str) -> list[float]:
 
 
 def parse_run_config(text: str) -> dict[str, Any]:
-    """The user's overrides as a dict, parsed the way ``flwr run --run-config`` parses them."""
-    from flwr.common.config import parse_config_args
-
-    overrides = parse_config_args([text]) if text.strip() else {}
+    """The user's overrides as a dict, read and checked as ``fl-dp simulate`` reads them."""
+    try:
+        overrides = parse_overrides(text)
+    except RunConfigError as error:
+        raise SystemExit(f"fl-dp sweep: error: {error}") from None
     taken = [key for key in SWEEP_KEYS if key in overrides]
     if taken:
         raise SystemExit(
@@ -104,16 +107,8 @@ def parse_run_config(text: str) -> dict[str, Any]:
     return overrides
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string for ordinary text
-
-
 def run_config_text(overrides: dict[str, Any]) -> str:
-    return " ".join(f"{key}={toml_value(value)}" for key, value in overrides.items())
+    return to_flwr(overrides)
 
 
 def plan_runs(dp: str, epsilons: list[float], overrides: dict[str, Any]) -> list[dict[str, Any]]:
@@ -250,7 +245,7 @@ def run_one(run: dict[str, Any], args: argparse.Namespace, output_dir: Path, pre
     run_dir = output_dir / "runs" / run["name"]
     log = output_dir / "logs" / f"{run['name']}.log"
     command = [
-        sys.executable, str(SIMULATE),
+        sys.executable, "-m", "fl_dp", "simulate",
         "--num-clients", str(args.num_clients),
         "--cpus-per-client", str(args.cpus_per_client),
         "--output-dir", str(run_dir),
@@ -273,14 +268,14 @@ def run_one(run: dict[str, Any], args: argparse.Namespace, output_dir: Path, pre
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fl-dp sweep", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dp", default="dpsgd", choices=DP_MODES, help="privacy mode of the private runs")
     parser.add_argument("--epsilons", type=parse_epsilons, default=parse_epsilons("1,3,8"),
-                        help="comma-separated target epsilons (default 1,3,8)")
+                        help="comma-separated target epsilons")
     parser.add_argument("--num-clients", type=int, default=10, help="simulated clients (SuperNodes)")
     parser.add_argument("--run-config", default="", help="overrides passed to EVERY run (not dp/target-epsilon)")
     parser.add_argument("--output-dir", default="", help="sweep directory (default ./outputs/sweep-<time>)")
-    parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray reserves per simulated client")
     parser.add_argument("--no-nonprivate", action="store_true", help="skip the non-private reference run")
     args = parser.parse_args(argv)
     if not args.epsilons:
