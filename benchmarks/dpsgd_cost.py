@@ -224,12 +224,13 @@ def time_private(mode: str, config: RunConfig, data, nf: int, nc: int, epochs: i
 def time_app_call(config: RunConfig, data, nf: int, nc: int, repeats: int, seed: int) -> list[float]:
     """client_app.dpsgd.train_dpsgd as the ClientApp calls it (hooks, local-epochs epochs, accountant)."""
     from client_app.dpsgd import train_dpsgd
+    from common.privacy.secret_random import SecretRandom
 
     calls = []
     for r in range(repeats):
         model = build_model(config.model, nf, nc, seed=seed)
         t = time.perf_counter()
-        train_dpsgd(model, data.x_train, data.y_train, config, [], seed + r)
+        train_dpsgd(model, data.x_train, data.y_train, config, [], SecretRandom(), config.max_epsilon)
         calls.append(time.perf_counter() - t)
     return calls
 

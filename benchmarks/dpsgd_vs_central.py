@@ -278,6 +278,7 @@ def emulate_federated(s: FederatedSettings, args, client_sets, test) -> dict:
     import torch
 
     from client_app.dpsgd import train_dpsgd
+    from common.privacy.secret_random import SecretRandom
     from common.config import RunConfig
     from common.evaluation import evaluate
     from common.models import build_model
@@ -302,7 +303,7 @@ def emulate_federated(s: FederatedSettings, args, client_sets, test) -> dict:
                 local.load_state_dict(model.state_dict())
                 seed = zlib.crc32(f"{args.seed}|{server_round}|{pid}|".encode())
                 torch.manual_seed(seed)
-                result, histories[pid] = train_dpsgd(local, x, y, config, histories[pid], seed)
+                result, histories[pid] = train_dpsgd(local, x, y, config, histories[pid], SecretRandom(), config.max_epsilon)
                 epsilon = max(epsilon, result.epsilon)
                 states.append(local.state_dict())
             model.load_state_dict({k: torch.stack([st[k] for st in states]).mean(0) for k in states[0]})

@@ -94,7 +94,7 @@ def test_local_dp_adds_noise_and_accounts_every_release():
 
 
 def test_dpsgd_target_epsilon_holds_when_the_batch_does_not_divide_the_data(tmp_path):
-    """The noise is solved for Opacus's real sampling (1/ceil(n/B), ceil(n/B) steps per epoch)."""
+    """The noise is solved for the sampling the client really does (rate 1/ceil(n/B), ceil(n/B) steps per epoch)."""
     rounds, target = 3, 3.0
     context = make_context(
         {"dp": "dpsgd", "target-epsilon": target, "num-server-rounds": rounds, "local-epochs": 1, "batch-size": 16},

@@ -183,7 +183,8 @@ def sample_level_noise_multiplier(
     """DP-SGD noise multiplier for a client (sample-level DP, Abadi et al. 2016).
 
     Mechanism: per-example gradients clipped to C, Gaussian noise std z*C on the batch sum;
-    sampling: Poisson with rate q = batch/n_local (Opacus's DPDataLoader); relation: add/remove
+    sampling: Poisson with rate q = 1/ceil(n_local/batch), ceil(n_local/batch) steps per epoch
+    (client_app/dpsgd.py's own secret batch sampler); relation: add/remove
     one example; accountant: Opacus's RDP accountant, matching the per-client ledger that
     ``dpsgd`` mode keeps. ``steps`` is the TOTAL over all rounds the client will train in.
     Wraps opacus.accountants.utils.get_noise_multiplier (absolute epsilon tolerance 0.01).
