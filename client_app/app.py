@@ -47,6 +47,8 @@ def _prepare(msg: Message, context: Context):
     node = NodeConfig.from_node_config(context.node_config)
     instructions = RoundInstructions.from_record(msg.content["config"])
     data = load_client_data(config, node, instructions.num_features, instructions.num_classes)
+    if instructions.scaling is not None:
+        data = data.scaled(instructions.scaling)
     model = build_model(config.model, instructions.num_features, instructions.num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return config, node, instructions, data, model

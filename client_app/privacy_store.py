@@ -32,6 +32,8 @@ def client_identity(config: RunConfig, node: NodeConfig) -> str:
             f"{config.partitioner}:{config.dirichlet_alpha}:{config.classes_per_client}:"
             f"{node.num_partitions}:{node.partition_id}"
         )
+        if config.dataset_path:
+            source += f":{os.path.realpath(config.dataset_path)}"
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 

@@ -109,6 +109,10 @@ class RunConfig:
     central_data_path: str = _key(
         "central-data-path", "", _absolute_path_or_empty, "file: the server's held-out CSV/NPZ"
     )
+    dataset_path: str = _key(
+        "dataset-path", "", _absolute_path_or_empty,
+        "file: one CSV/NPZ table split into the server's held-out part and simulated clients' partitions",
+    )
     partitioner: str = _key("partitioner", "iid", _choice(PARTITIONERS), "how demo data is split")
     dirichlet_alpha: float = _key("dirichlet-alpha", 0.5, _range(0, INF, low_open=True))
     classes_per_client: int = _key("classes-per-client", 2, _positive_int, "pathological partitioner")
@@ -226,11 +230,13 @@ class RunConfig:
             raise ConfigError("resume = true needs output-dir: the absolute path of the run to continue")
         if self.attack != "none" and self.malicious_clients == 0:
             raise ConfigError(f"attack = {self.attack!r} needs malicious-clients >= 1")
-        if self.dataset == "file" and not self.central_data_path:
+        if self.dataset == "file" and not (self.central_data_path or self.dataset_path):
             raise ConfigError(
-                "dataset = 'file' needs central-data-path: the absolute path of the server's "
-                "held-out CSV/NPZ file (the same columns as the clients' files)"
+                "dataset = 'file' needs central-data-path (the absolute path of the server's held-out CSV/NPZ, "
+                "the same columns as the clients' files) or, to simulate on one table, dataset-path"
             )
+        if self.dataset_path and self.dataset != "file":
+            raise ConfigError(f"dataset-path applies to dataset = 'file' (got dataset = {self.dataset!r})")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config with its run-config keys, as written to config.json."""

@@ -29,6 +29,18 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class LogReg(nn.Module):
+    """Multinomial logistic regression: one linear layer, for tabular files (and a DP baseline:
+    fewest parameters, so the least noise per coordinate for a given update norm)."""
+
+    def __init__(self, num_features: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
 class CNN1D(nn.Module):
     """Three 1-D convolutions with GroupNorm for sequences such as MNIST-1D (40 steps)."""
 
@@ -54,7 +66,7 @@ class CNN1D(nn.Module):
         return self.head(hidden.flatten(1))
 
 
-MODELS: dict[str, Callable[[int, int], nn.Module]] = {"mlp": MLP, "cnn1d": CNN1D}
+MODELS: dict[str, Callable[[int, int], nn.Module]] = {"mlp": MLP, "logreg": LogReg, "cnn1d": CNN1D}
 
 
 def build_model(name: str, num_features: int, num_classes: int, seed: int | None = None) -> nn.Module:

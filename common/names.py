@@ -20,7 +20,7 @@ STRATEGIES = (
 )
 DATASETS = ("digits", "mnist1d", "file")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
-MODELS = ("mlp", "cnn1d")
+MODELS = ("mlp", "logreg", "cnn1d")
 OPTIMIZERS = ("sgd", "adam")
 DP_MODES = ("none", "server", "client", "dpsgd", "local")
 CLIPPING = ("fixed", "adaptive")

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, MetricRecord
 
+from common.data.scaling import FeatureScaling
+
 CLIENT_ID = "client-id"  # a client's stable identity (of its data), answered to an "identify" query
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 TRAIN_LOSS = "train_loss"  # also the key QFedAvg reads
@@ -30,16 +32,18 @@ class RoundInstructions:
     num_classes: int
     proximal_mu: float = 0.0
     clipping_norm: float = 0.0  # client-side clipping: the norm to clip this round's update to
+    scaling: FeatureScaling | None = None  # users' tables: standardise with the server's held-out statistics
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "server-round": self.server_round,
-                "num-features": self.num_features,
-                "num-classes": self.num_classes,
-                "clipping-norm": self.clipping_norm,
-            }
-        )
+        record = {
+            "server-round": self.server_round,
+            "num-features": self.num_features,
+            "num-classes": self.num_classes,
+            "clipping-norm": self.clipping_norm,
+        }
+        if self.scaling is not None:
+            record |= {"feature-shift": list(self.scaling.shift), "feature-scale": list(self.scaling.scale)}
+        return ConfigRecord(record)
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> "RoundInstructions":
@@ -50,6 +54,10 @@ class RoundInstructions:
             num_classes=int(record["num-classes"]),
             proximal_mu=float(record.get("proximal-mu", 0.0)),
             clipping_norm=float(record.get("clipping-norm", 0.0)),
+            scaling=(
+                FeatureScaling(tuple(record["feature-shift"]), tuple(record["feature-scale"]))
+                if "feature-shift" in record else None
+            ),
         )
 
 

@@ -10,12 +10,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.data.client_data import central_test_set
-from common.evaluation import evaluate
+from common.data.datasets import Dataset
+from common.data.scaling import FeatureScaling
+from common.evaluation import Evaluation, evaluate_in_detail
 from common.models import build_model
 from server_app import linkstate_index
 from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server_app.diagnostics import DIAGNOSTICS_FILE, Diagnostics
 from server_app.federation import Federation, WaitTimeout
+from server_app.health import RunHealth
 from server_app.privacy import guarantee_sentence, plan_privacy, privacy_columns
 from server_app.results import RunRecorder
 from server_app.sampling import ClientSampler, SeededChoices
@@ -43,11 +46,15 @@ def main(grid: Grid, context: Context) -> None:
 
     # Reads the shared data cache when it already holds the dataset; builds and writes only here.
     test_set = central_test_set(config, cache_root=os.path.join(output_dir, "cache"))
+    # Users' tables are standardised with the server's own held-out statistics (common/data/scaling.py).
+    scaling = FeatureScaling.fit(test_set.x) if config.dataset == "file" else None
+    if scaling is not None:
+        test_set = Dataset(scaling.apply(test_set.x), test_set.y, test_set.num_classes)
     model = build_model(config.model, test_set.num_features, test_set.num_classes, seed=config.seed)
 
-    def central_eval(arrays: ArrayRecord) -> tuple[float, float]:
+    def central_eval(arrays: ArrayRecord) -> Evaluation:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, test_set.x, test_set.y)
+        return evaluate_in_detail(model, test_set.x, test_set.y)
 
     # Per-client metrics are computed on private data: in DP modes they are not collected.
     federated_evaluation = config.fraction_evaluate > 0 and config.val_fraction > 0 and config.dp == "none"
@@ -66,6 +73,8 @@ def main(grid: Grid, context: Context) -> None:
         max_epsilon=config.max_epsilon,
         wait_timeout=config.wait_timeout,
         identify_clients=config.identify_clients,
+        scaling=scaling,
+        health=RunHealth(test_set.num_classes, len(set(test_set.y.tolist()))),
     )
     arrays, first_round, elapsed_before = ArrayRecord(model.state_dict()), 1, 0.0
     if config.resume:
@@ -82,7 +91,8 @@ def main(grid: Grid, context: Context) -> None:
         except WaitTimeout as timeout:
             stop_reason = f"stopped before round 1: {timeout}"
             print(stop_reason, flush=True)
-            _finish(config, recorder, None, arrays, elapsed_before + time.monotonic() - started, 0, stop_reason, False)
+            _finish(config, recorder, federation, arrays, elapsed_before + time.monotonic() - started, 0, stop_reason,
+                    len(test_set.y))
             return
         federation.privacy = plan_privacy(config, num_clients)
 
@@ -94,13 +104,15 @@ def main(grid: Grid, context: Context) -> None:
     recorder.constant_columns = privacy_columns(config, federation.privacy)
     federation.on_round_end = save
     final, stop_reason = federation.run(arrays, config.num_server_rounds, first_round)
-    _finish(config, recorder, federation.privacy, final, elapsed_before + time.monotonic() - started, num_clients,
-            stop_reason, federation.tally.debug_clients)
+    _finish(config, recorder, federation, final, elapsed_before + time.monotonic() - started, num_clients,
+            stop_reason, len(test_set.y))
 
 
-def _finish(config: RunConfig, recorder: RunRecorder, plan, final: ArrayRecord, wall_seconds: float,
-            num_clients: int, stop_reason: str, debug_clients: bool) -> None:
+def _finish(config: RunConfig, recorder: RunRecorder, federation: Federation, final: ArrayRecord, wall_seconds: float,
+            num_clients: int, stop_reason: str, central_examples: int) -> None:
     """Write the summary, the final model and the plots; say where they are and what they guarantee."""
+    plan, debug_clients = federation.privacy, federation.tally.debug_clients
+    warnings = federation.health.warnings if federation.health is not None else []
     last = recorder.rows[-1] if recorder.rows else {}
     columns = privacy_columns(config, plan)
     guarantee = guarantee_sentence(
@@ -120,6 +132,8 @@ def _finish(config: RunConfig, recorder: RunRecorder, plan, final: ArrayRecord, 
             "stop_reason": stop_reason,
             "guarantee": guarantee,
             "debug_noise": bool(plan is not None and plan.insecure) or debug_clients,
+            "central_examples": central_examples,
+            "warnings": warnings,
         } | columns,
     )
     accuracy = summary["final_central_accuracy"]
@@ -130,3 +144,5 @@ def _finish(config: RunConfig, recorder: RunRecorder, plan, final: ArrayRecord, 
         flush=True,
     )
     print(f"Privacy: {guarantee}", flush=True)
+    for warning in warnings:
+        print(f"WARNING: {warning}", flush=True)

@@ -37,7 +37,10 @@ from common.protocol import (
     UNCLIPPED,
     RoundInstructions,
 )
+from common.data.scaling import FeatureScaling
+from common.evaluation import Evaluation
 from server_app.diagnostics import Diagnostics
+from server_app.health import RunHealth
 from server_app.messaging import send_and_receive
 from server_app.privacy import PrivacyPlan
 from server_app.progress import Progress
@@ -93,7 +96,7 @@ class Federation:
     eval_sampler: ClientSampler
     recorder: RunRecorder
     diagnostics: Diagnostics
-    central_eval: Callable[[ArrayRecord], tuple[float, float]]
+    central_eval: Callable[[ArrayRecord], Evaluation]
     num_features: int
     num_classes: int
     min_available_clients: int
@@ -104,6 +107,8 @@ class Federation:
     tally: PrivacyTally = field(default_factory=PrivacyTally)
     identify_clients: bool = True
     identities: dict[int, str] = field(default_factory=dict)  # node id -> client identity
+    scaling: FeatureScaling | None = None  # users' tables: sent to clients with every instruction
+    health: RunHealth | None = None  # divergence and collapse warnings
 
     def connected_clients(self) -> list[int]:
         """Connected node ids, ordered by the clients' stable identities (not by their node ids,
@@ -154,12 +159,13 @@ class Federation:
     def _instructions(self, server_round: int):
         dp = self.privacy.aggregator
         clip = dp.clipping_norm if dp is not None else 0.0
-        return RoundInstructions(server_round, self.num_features, self.num_classes, clipping_norm=clip).to_record()
+        return RoundInstructions(
+            server_round, self.num_features, self.num_classes, clipping_norm=clip, scaling=self.scaling
+        ).to_record()
 
     def run(self, arrays: ArrayRecord, num_rounds: int, first_round: int = 1) -> tuple[ArrayRecord, str]:
         """Train rounds ``first_round..num_rounds``, until the budget stop, or until clients are
         missing for longer than the wait limit; return the model and why it stopped."""
-        progress = Progress(num_rounds, first_round - 1)
         waking = time.monotonic()
         # Part of start-up, not of round 1: asks every client its identity, which also wakes
         # cold clients (process or worker start, imports, data) before the first round is timed.
@@ -170,6 +176,7 @@ class Federation:
             print(reason, flush=True)
             return arrays, reason
         log(INFO, "%d clients ready in %.1f s", ready, time.monotonic() - waking)
+        progress = Progress(num_rounds, first_round - 1)  # timed from round 1, not from start-up
         for server_round in range(first_round, num_rounds + 1):
             ledger = self.privacy.ledger
             if ledger is not None and self.max_epsilon and ledger.epsilon_if_step() > self.max_epsilon:
@@ -188,7 +195,11 @@ class Federation:
                 reason = f"stopped before finishing round {server_round}: {stop}"
                 print(reason, flush=True)
                 return arrays, reason
-            row["central_loss"], row["central_accuracy"] = self.central_eval(arrays)
+            central = self.central_eval(arrays)
+            row["central_loss"], row["central_accuracy"] = central.loss, central.accuracy
+            problems = []
+            if self.health is not None:
+                problems = self.health.check(server_round, central.loss, row.get("train_loss"), central.predicted_classes)
             row["round"] = server_round
             row["seconds"] = round(time.monotonic() - started, 3)
             # Checkpoint (with the secret noise state) before anything of the round is published:
@@ -198,7 +209,8 @@ class Federation:
             if self.on_round_end is not None:
                 self.on_round_end(server_round, arrays)
             self.recorder.publish()
-            print(progress.line(server_round, row["central_accuracy"], row["central_loss"], self.privacy_fields()), flush=True)
+            line = progress.line(server_round, row["central_accuracy"], row["central_loss"], self.privacy_fields())
+            print(line + "".join(f"  WARNING {kind}" for kind in problems), flush=True)
         return arrays, f"completed {num_rounds} rounds"
 
     def privacy_fields(self) -> dict:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from common.config import NodeConfig, RunConfig
-from common.data.datasets import Dataset, load_dataset
+from common.data.datasets import Dataset, load_dataset, load_file
 from common.data.files import DataFileError, load_table
 from common.data.cache import cached_arrays
+from common.data.scaling import FeatureScaling
 from common.data.partitioning import central_split, local_split, partition_table
 
 
@@ -21,6 +23,10 @@ class ClientData:
     x_val: np.ndarray
     y_val: np.ndarray
 
+    def scaled(self, scaling: FeatureScaling) -> "ClientData":
+        """The same examples with standardised features (see common/data/scaling.py)."""
+        return ClientData(scaling.apply(self.x_train), self.y_train, scaling.apply(self.x_val), self.y_val)
+
 
 @lru_cache(maxsize=4)
 def _cached_dataset(config: RunConfig, cache_root: str | None = None) -> Dataset:
@@ -29,10 +35,15 @@ def _cached_dataset(config: RunConfig, cache_root: str | None = None) -> Dataset
 
 
 def central_test_set(config: RunConfig, cache_root: str | None = None) -> Dataset:
-    """The held-out split the server evaluates on; no client's partition overlaps it.
+    """The held-out data the server evaluates on; no client's partition overlaps it.
+
+    With ``dataset = 'file'`` and ``central-data-path``, the whole file (the server's own data);
+    otherwise the ``test-fraction`` split of the dataset (``dataset-path`` included).
 
     The server passes a ``cache_root`` inside its output directory: it writes nowhere else.
     """
+    if config.dataset == "file" and config.central_data_path:
+        return load_file(config.central_data_path, "central-data-path")  # all of it: it is held out as a whole
     data = _cached_dataset(config, cache_root)
     _, test = central_split(len(data), config.test_fraction, config.seed)
     return Dataset(data.x[test], data.y[test], data.num_classes)
@@ -40,10 +51,14 @@ def central_test_set(config: RunConfig, cache_root: str | None = None) -> Datase
 
 def _partition_key(config: RunConfig, num_partitions: int) -> str:
     """Everything the partition table depends on (and a version, to invalidate old caches)."""
-    return (
+    key = (
         f"partitions-v1|{config.dataset}|{config.dataset_samples}|{config.seed}|{config.test_fraction}|"
         f"{config.partitioner}|{config.dirichlet_alpha}|{config.classes_per_client}|{num_partitions}"
     )
+    if config.dataset_path:  # a user's table: the cache follows its content's identity too
+        info = os.stat(config.dataset_path)
+        key += f"|{os.path.realpath(config.dataset_path)}|{info.st_size}|{info.st_mtime_ns}"
+    return key
 
 
 @lru_cache(maxsize=8)
@@ -73,10 +88,11 @@ def load_client_data(config: RunConfig, node: NodeConfig, num_features: int, num
         x, y = load_table(node.data_path)
         seed = config.seed
     else:
-        if config.dataset == "file":
+        if config.dataset == "file" and not config.dataset_path:
             raise DataFileError(
-                "dataset = 'file' has no demo partitions: start this client with "
-                "--node-config \"data-path=<absolute path of its CSV/NPZ>\""
+                "dataset = 'file' without dataset-path has no demo partitions: start this client with "
+                "--node-config \"data-path=<absolute path of its CSV/NPZ>\", or simulate with "
+                "dataset-path=<absolute path of one table to partition>"
             )
         data = _cached_dataset(config)
         rows = partition_rows(config, node.num_partitions, node.partition_id)

@@ -71,16 +71,23 @@ def _mnist1d(config: RunConfig, cache_root: str | None) -> Dataset:
     return Dataset(data["x"], data["y"], 10)
 
 
-def _central_file(config: RunConfig, cache_root: str | None) -> Dataset:
-    """A user's own data: the server's held-out file (clients bring their own files)."""
-    x, y = load_table(config.central_data_path, key="central-data-path")
+def _file(config: RunConfig, cache_root: str | None) -> Dataset:
+    """A user's own data: one table to split like a built-in dataset (``dataset-path``, e.g. in
+    simulation), or else the server's held-out file (deployed clients bring their own files)."""
+    if config.dataset_path:
+        return load_file(config.dataset_path, "dataset-path")
+    return load_file(config.central_data_path, "central-data-path")
+
+
+def load_file(path: str, key: str) -> Dataset:
+    x, y = load_table(path, key=key)
     return Dataset(x, y, int(y.max()) + 1)
 
 
 LOADERS: dict[str, Callable[[RunConfig, str | None], Dataset]] = {
     "digits": _digits,
     "mnist1d": _mnist1d,
-    "file": _central_file,
+    "file": _file,
 }
 
 
