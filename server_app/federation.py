@@ -194,6 +194,8 @@ class Federation:
             except (WaitTimeout, Diverged) as stop:
                 reason = f"stopped before finishing round {server_round}: {stop}"
                 print(reason, flush=True)
+                if isinstance(stop, Diverged) and self.health is not None:
+                    self.health.diverged(server_round, str(stop))
                 return arrays, reason
             central = self.central_eval(arrays)
             row["central_loss"], row["central_accuracy"] = central.loss, central.accuracy

@@ -6,7 +6,8 @@ clients' mean training loss):
 
 * diverging: a loss that is not finite, or above ``LOSS_LIMIT`` times that of a uniform guess
   over the K classes (ln K);
-* collapsed: the model predicts one class for every held-out example while they have several.
+* collapsed: the model predicts one class for every held-out example while they have several;
+* diverged: the run stopped because updates or the aggregate held NaN/Inf.
 
 Each kind of problem is reported once in ``summary.json``'s ``warnings`` (at the first round it
 appears) and on every progress line while it lasts.
@@ -42,6 +43,13 @@ class RunHealth:
                 f"round {server_round}: the model predicts one class for every held-out example "
                 f"({self.classes_in_test} classes there): it has collapsed; lower learning-rate or the noise"
             )
+        return self._keep(found)
+
+    def diverged(self, server_round: int, why: str) -> None:
+        """The run stopped because training broke down (NaN/Inf updates or aggregate)."""
+        self._keep({"diverged": f"round {server_round}: training diverged and the run stopped: {why}; lower learning-rate"})
+
+    def _keep(self, found: dict[str, str]) -> list[str]:
         for kind, text in found.items():
             if kind not in self._kinds:
                 self._kinds.add(kind)
