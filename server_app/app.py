@@ -17,7 +17,7 @@ from common.models import build_model
 from server_app import linkstate_index
 from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server_app.diagnostics import DIAGNOSTICS_FILE, Diagnostics
-from server_app.federation import Federation, WaitTimeout
+from server_app.federation import Federation, PrivacyTally, WaitTimeout
 from server_app.health import RunHealth
 from server_app.privacy import guarantee_sentence, plan_privacy, privacy_columns
 from server_app.results import RunRecorder
@@ -75,6 +75,8 @@ def main(grid: Grid, context: Context) -> None:
         identify_clients=config.identify_clients,
         scaling=scaling,
         health=RunHealth(test_set.num_classes, len(set(test_set.y.tolist()))),
+        # dpsgd/local clients clip at the configured norm (server/client modes record theirs per round).
+        tally=PrivacyTally(clipping_norm=config.clipping_norm if config.dp in ("dpsgd", "local") else None),
     )
     arrays, first_round, elapsed_before = ArrayRecord(model.state_dict()), 1, 0.0
     if config.resume:
@@ -103,7 +105,8 @@ def main(grid: Grid, context: Context) -> None:
 
     recorder.constant_columns = privacy_columns(config, federation.privacy)
     federation.on_round_end = save
-    final, stop_reason = federation.run(arrays, config.num_server_rounds, first_round)
+    with federation.diagnostics.flower_counts_diverted():
+        final, stop_reason = federation.run(arrays, config.num_server_rounds, first_round)
     _finish(config, recorder, federation, final, elapsed_before + time.monotonic() - started, num_clients,
             stop_reason, len(test_set.y))
 

@@ -11,12 +11,18 @@ mode 0600 (operator-only, as secret as the unnoised aggregate), and never to ``m
 from __future__ import annotations
 
 import json
+import logging
 import os
+from contextlib import contextmanager
 from logging import WARNING
+from typing import Iterator
 
 from flwr.common.logger import log
 
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
+# Flower's strategies log how many nodes they sampled and how many replied, e.g.
+# "configure_train: Sampled 3 nodes (out of 10)": in a DP mode that is |S_t| itself.
+FLOWER_COUNT_LINES = ("configure_train:", "aggregate_train:", "configure_evaluate:", "aggregate_evaluate:")
 
 
 def open_private(path: str, flags: int) -> int:
@@ -49,3 +55,27 @@ class Diagnostics:
             return counts
         self._append({"round": server_round} | counts)
         return {}
+
+    @contextmanager
+    def flower_counts_diverted(self) -> Iterator[None]:
+        """In a DP mode, Flower's own count lines go to the private file instead of the log."""
+        if not self.private:
+            yield
+            return
+
+        class Divert(logging.Filter):
+            def filter(inner, record: logging.LogRecord) -> bool:
+                text = record.getMessage()
+                if text.startswith(FLOWER_COUNT_LINES):
+                    self._append({"flower": text})
+                    return False
+                return True
+
+        divert = Divert()
+        logger = logging.getLogger("flwr")
+        logger.addFilter(divert)
+        try:
+            yield
+        finally:
+            logger.removeFilter(divert)
+

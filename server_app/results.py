@@ -128,6 +128,7 @@ class RunRecorder:
             for key, label in (("central_accuracy", "central (held-out)"), ("federated_accuracy", "federated (clients' val)")):
                 ax.plot(rounds, [_nan(r[key]) for r in self.rows], marker="o", label=label)
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(_whole_rounds())
             ax.set_ylabel("accuracy")
             ax.set_ylim(0, 1)
             ax.legend()
@@ -139,11 +140,19 @@ class RunRecorder:
         with _figure(self.path("privacy.png")) as ax:
             ax.plot(rounds, [_nan(r[key]) for r in self.rows], marker="o", color="tab:red", label=key)
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(_whole_rounds())
             ax.set_ylabel(f"{key} (delta {self.rows[0]['delta']})", color="tab:red")
             right = ax.twinx()
             right.plot(rounds, [_nan(r["central_accuracy"]) for r in self.rows], marker="s", label="central accuracy")
             right.set_ylabel("central accuracy")
             right.set_ylim(0, 1)
+
+
+def _whole_rounds():
+    """Round ticks at whole numbers only (a 3-round run showed 1.5 and 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 def _nan(value: Any) -> float:

@@ -89,3 +89,16 @@ def test_fixed_dp_sampling_waits_for_the_whole_accounted_population():
     poisson = plan_privacy(RunConfig(dp="server", sampling="poisson", clients_per_round=2), num_clients=5)
     federation.privacy = poisson  # a missing client is sampled with probability 0 <= q: no wait
     assert federation.wait_for_clients() == [11, 12, 13, 14]
+
+
+def test_flowers_own_count_lines_leave_the_log_in_a_dp_mode(tmp_path, caplog):
+    from flwr.common.logger import log
+
+    diagnostics = Diagnostics(str(tmp_path), private=True)
+    with caplog.at_level(logging.INFO, logger="flwr"), diagnostics.flower_counts_diverted():
+        log(logging.INFO, "configure_train: Sampled %s nodes (out of %s)", 3, 10)
+        log(logging.INFO, "aggregate_train: Received 3 results and 0 failures")
+        log(logging.INFO, "10 clients ready in 1.0 s")
+    assert "Sampled" not in caplog.text and "Received" not in caplog.text and "clients ready" in caplog.text
+    lines = (tmp_path / DIAGNOSTICS_FILE).read_text()
+    assert "Sampled 3 nodes (out of 10)" in lines and "Received 3 results" in lines
