@@ -21,6 +21,7 @@ from client_app.update_privacy import clip_for_server, local_ledger, local_noise
 from common.config import NodeConfig, RunConfig
 from common.data.client_data import load_client_data
 from common.evaluation import evaluate
+from common.logs import keep_root_logger_quiet
 from common.models import build_model
 from common.privacy.clipping import arrays_from_record
 from common.protocol import (
@@ -39,6 +40,7 @@ from common.protocol import (
 
 torch.set_num_threads(1)  # one CPU per simulated client; Flower runs clients side by side
 
+keep_root_logger_quiet()
 app = ClientApp()
 
 

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
+from common.logs import keep_root_logger_quiet
 from common.data.client_data import central_test_set
 from common.data.datasets import Dataset
 from common.data.scaling import FeatureScaling
@@ -24,6 +25,7 @@ from server_app.results import RunRecorder
 from server_app.sampling import ClientSampler, SeededChoices
 from server_app.strategies import build_strategy
 
+keep_root_logger_quiet()
 app = ServerApp()
 
 
