@@ -23,8 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "scripts" / "deploy"
-sys.path.insert(0, str(DEPLOY))
-import flwr_cli  # noqa: E402
+from fl_dp import flwr_cli  # noqa: E402
 
 IMAGE_UID = 49999  # the image's user (docker/Dockerfile)
 LOCAL_BASE = "fl-dp/bookworm-minbase:latest"

@@ -1,10 +1,9 @@
-"""The privacy-utility sweep (scripts/sweep.py): a real small sweep through `flwr run`, and its
+"""The privacy-utility sweep (`fl-dp sweep`, fl_dp/sweep.py): a real small sweep through `flwr run`, and its
 bookkeeping (failed runs keep earlier results, exit code, the run-config it builds)."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "sweep.py"
-
-
 def _load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from fl_dp import sweep
+
+    return sweep
 
 
 def _rows(path: Path) -> list[dict]:
@@ -32,7 +27,7 @@ def test_small_real_sweep_writes_csv_rows_within_target_and_plot(tmp_path):
     out = tmp_path / "sweep"
     done = subprocess.run(
         [
-            sys.executable, str(SCRIPT), "--dp", "server", "--epsilons", "5", "--num-clients", "4",
+            sys.executable, "-m", "fl_dp", "sweep", "--dp", "server", "--epsilons", "5", "--num-clients", "4",
             "--run-config", "num-server-rounds=2 sampling='all' local-epochs=1",
             "--output-dir", str(out),
         ],
