@@ -62,7 +62,7 @@ def run_config(num_clients: int, rounds: int, per_client: int, test_examples: in
     s = settings(num_clients, per_client, test_examples)
     return (
         f'dataset="mnist1d" model="cnn1d" dataset-samples={s["dataset-samples"]} test-fraction={s["test-fraction"]} '
-        f"val-fraction=0.0 clients-per-round=100 identify-clients=false fraction-evaluate=0.0 local-epochs=1 "
+        f"val-fraction=0.0 clients-per-round=100 identify-clients=false index-idle-nodes=true fraction-evaluate=0.0 local-epochs=1 "
         f"num-server-rounds={rounds} min-available-clients={num_clients}"
     )
 

@@ -161,12 +161,17 @@ class RunConfig:
     )
     # Reliability (see server_app/checkpoint.py and client_app/attacks.py).
     resume: bool = _key("resume", False, None, "continue the run checkpointed in output-dir")
+    overwrite: bool = _key("overwrite", False, None, "a new run into a used output-dir moves the old run aside")
     wait_timeout: float = _key("wait-timeout", 300.0, _non_negative, "seconds to wait for clients; 0 = forever")
     attack: str = _key("attack", "none", _choice(ATTACKS), "simulated Byzantine clients' attack")
     malicious_clients: int = _key("malicious-clients", 0, _non_negative, "how many simulated clients attack")
     attack_scale: float = _key("attack-scale", 10.0, _range(0, INF, low_open=True), "attack magnitude")
     identify_clients: bool = _key(
         "identify-clients", True, None, "ask clients once for a stable identity: reproducible sampling"
+    )
+    index_idle_nodes: bool = _key(
+        "index-idle-nodes", False, None,
+        "huge simulations: Flower 1.41.0's engine skips idle nodes (patches private Flower API)",
     )
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
@@ -18,8 +18,9 @@ from common.models import build_model
 from server_app import linkstate_index
 from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server_app.diagnostics import DIAGNOSTICS_FILE, Diagnostics
-from server_app.federation import Federation, PrivacyTally, WaitTimeout
+from server_app.federation import Federation, PrivacyTally, Stop, WaitTimeout
 from server_app.health import RunHealth
+from server_app.output_dir import prepare_output_dir
 from server_app.privacy import guarantee_sentence, plan_privacy, privacy_columns
 from server_app.results import RunRecorder
 from server_app.sampling import ClientSampler, SeededChoices
@@ -36,9 +37,14 @@ def default_output_dir() -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     started = time.monotonic()
-    linkstate_index.install()  # simulation only: Flower's engine skips the idle nodes (see the module)
     config = RunConfig.from_run_config(context.run_config)
+    if config.index_idle_nodes:  # opt-in, private Flower API: see server_app/linkstate_index.py
+        linkstate_index.install()
     output_dir = config.output_dir or default_output_dir()
+    # Before anything is written: a new run refuses a used output-dir (or moves it aside), and a
+    # resume reads and checks its checkpoint (plain data, never executed) before it changes a file.
+    prepare_output_dir(output_dir, config.resume, config.overwrite)
+    checkpoint = load_checkpoint(output_dir, config.to_dict()) if config.resume else None
     recorder = RunRecorder(output_dir, config.to_dict() | {"output-dir": output_dir})
     print(f"Writing results to {output_dir}", flush=True)
     private = config.dp != "none"
@@ -81,41 +87,47 @@ def main(grid: Grid, context: Context) -> None:
         tally=PrivacyTally(clipping_norm=config.clipping_norm if config.dp in ("dpsgd", "local") else None),
     )
     arrays, first_round, elapsed_before = ArrayRecord(model.state_dict()), 1, 0.0
-    if config.resume:
-        checkpoint = load_checkpoint(output_dir, config.to_dict())
-        federation.restore(checkpoint.federation_state)
+    if checkpoint is not None:
+        reference = {name: tensor.detach().cpu().numpy() for name, tensor in model.state_dict().items()}
+        stored = checkpoint.model_for(reference)  # names, shapes and dtypes of this run's model
+        num_clients = federation.restore(checkpoint.federation, checkpoint.arrays, config, reference, checkpoint.secret)
         recorder.restore(checkpoint.rows)
-        arrays, first_round = checkpoint.arrays, checkpoint.completed_rounds + 1
-        elapsed_before = checkpoint.elapsed_seconds
-        num_clients = checkpoint.federation_state["num_clients"]
+        arrays = ArrayRecord({name: Array(value) for name, value in stored.items()})
+        first_round, elapsed_before = checkpoint.completed_rounds + 1, checkpoint.elapsed_seconds
         print(f"Resuming after round {checkpoint.completed_rounds} from {output_dir}", flush=True)
     else:
         try:
             num_clients = len(federation.wait_for_clients())
         except WaitTimeout as timeout:
-            stop_reason = f"stopped before round 1: {timeout}"
-            print(stop_reason, flush=True)
-            _finish(config, recorder, federation, arrays, elapsed_before + time.monotonic() - started, 0, stop_reason,
+            federation.stopped = Stop("clients", f"stopped before round 1: {timeout}")
+            print(federation.stopped.reason, flush=True)
+            _finish(config, recorder, federation, arrays, elapsed_before + time.monotonic() - started, 0,
                     len(test_set.y))
             return
         federation.privacy = plan_privacy(config, num_clients)
 
     def save(completed_round: int, current: ArrayRecord) -> None:
-        state = federation.state() | {"num_clients": num_clients}
+        state, strategy_arrays = federation.state(num_clients)
         elapsed = elapsed_before + time.monotonic() - started
-        save_checkpoint(output_dir, Checkpoint(completed_round, current, state, recorder.rows, config.to_dict(), elapsed))
+        model_arrays = {name: array.numpy() for name, array in current.items()}
+        save_checkpoint(output_dir, Checkpoint(completed_round, model_arrays, state, strategy_arrays, recorder.rows,
+                                               config.to_dict(), elapsed, federation.privacy.secret))
 
     recorder.constant_columns = privacy_columns(config, federation.privacy)
     federation.on_round_end = save
     with federation.diagnostics.flower_counts_diverted():
-        final, stop_reason = federation.run(arrays, config.num_server_rounds, first_round)
+        final, _ = federation.run(arrays, config.num_server_rounds, first_round)
     _finish(config, recorder, federation, final, elapsed_before + time.monotonic() - started, num_clients,
-            stop_reason, len(test_set.y))
+            len(test_set.y))
+    if federation.stopped.error is not None:  # no client returned an update: Flower marks the run failed
+        raise federation.stopped.error
 
 
 def _finish(config: RunConfig, recorder: RunRecorder, federation: Federation, final: ArrayRecord, wall_seconds: float,
-            num_clients: int, stop_reason: str, central_examples: int) -> None:
-    """Write the summary, the final model and the plots; say where they are and what they guarantee."""
+            num_clients: int, central_examples: int) -> None:
+    """Write the summary, the final model (the last completed round's) and the plots; say where they
+    are, what they guarantee, and, as the last line, ``fl-dp stop-kind: <kind>`` for launchers."""
+    stop = federation.stopped
     plan, debug_clients = federation.privacy, federation.tally.debug_clients
     warnings = federation.health.warnings if federation.health is not None else []
     last = recorder.rows[-1] if recorder.rows else {}
@@ -134,7 +146,9 @@ def _finish(config: RunConfig, recorder: RunRecorder, federation: Federation, fi
             "sample_epsilon_max": last.get("sample_epsilon_max"),
             "noise_multiplier": last.get("noise_multiplier"),
             "num_clients": num_clients,
-            "stop_reason": stop_reason,
+            "stop_kind": stop.kind,
+            "stop_reason": stop.reason,
+            "interrupted_round": stop.interrupted,
             "guarantee": guarantee,
             "debug_noise": bool(plan is not None and plan.insecure) or debug_clients,
             "central_examples": central_examples,
@@ -143,7 +157,7 @@ def _finish(config: RunConfig, recorder: RunRecorder, federation: Federation, fi
     )
     accuracy = summary["final_central_accuracy"]
     print(
-        f"Done ({stop_reason}): final central accuracy "
+        f"Done ({stop.reason}): final central accuracy "
         f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} after {summary['rounds']} rounds "
         f"in {summary['wall_seconds']:.1f}s. Results in {recorder.output_dir}",
         flush=True,
@@ -151,3 +165,4 @@ def _finish(config: RunConfig, recorder: RunRecorder, federation: Federation, fi
     print(f"Privacy: {guarantee}", flush=True)
     for warning in warnings:
         print(f"WARNING: {warning}", flush=True)
+    print(f"fl-dp stop-kind: {stop.kind}", flush=True)  # the last line; launchers map it to their exit code

@@ -43,6 +43,7 @@ from server_app.diagnostics import Diagnostics
 from server_app.health import RunHealth
 from server_app.messaging import send_and_receive
 from server_app.privacy import PrivacyPlan
+from server_app import run_state
 from server_app.progress import Progress
 from server_app.results import RunRecorder
 from server_app.sampling import ClientSampler, OfferedNodes
@@ -61,6 +62,21 @@ class Diverged(RuntimeError):
 
 class WaitTimeout(RuntimeError):
     """Too few clients stayed connected for longer than ``wait-timeout``."""
+
+
+# How a run ended, as summary.json's ``stop_kind`` and the last log line ``fl-dp stop-kind: <kind>``
+# (launchers turn it into their exit code): every planned round ran; the privacy budget
+# (max-epsilon) stopped it; it stopped waiting for clients (wait-timeout); or it failed (the
+# model diverged, or a round had no usable update).
+STOP_KINDS = ("completed", "budget", "clients", "failed")
+
+
+@dataclass
+class Stop:
+    kind: str  # one of STOP_KINDS
+    reason: str  # one sentence, summary.json's ``stop_reason``
+    interrupted: dict | None = None  # the round that did not finish: {"round": r} (+ its counts without DP)
+    error: RoundFailed | None = None  # re-raised by the ServerApp once the results are written
 
 
 @dataclass
@@ -109,6 +125,9 @@ class Federation:
     identities: dict[int, str] = field(default_factory=dict)  # node id -> client identity
     scaling: FeatureScaling | None = None  # users' tables: sent to clients with every instruction
     health: RunHealth | None = None  # divergence and collapse warnings
+    stopped: Stop | None = None  # how run() ended
+    round_counts: dict | None = None  # the exact counts of the round in flight
+    _sent: dict[str, int] = field(default_factory=dict)  # message id -> the node it was sent to
 
     def connected_clients(self) -> list[int]:
         """Connected node ids, ordered by the clients' stable identities (not by their node ids,
@@ -148,13 +167,23 @@ class Federation:
             time.sleep(1.0)
         return nodes
 
-    def state(self) -> dict:
-        """What a checkpoint must hold to continue exactly where this federation is."""
-        return {"strategy": self.strategy, "privacy": self.privacy, "eval_sampler": self.eval_sampler, "tally": self.tally}
+    def state(self, num_clients: int) -> tuple[dict, dict]:
+        """What a checkpoint must hold to continue exactly where this federation is: plain JSON values
+        and the arrays they name (server_app/run_state.py; nothing is pickled)."""
+        return run_state.federation_to_plain(
+            self.strategy, self.privacy, self.eval_sampler, self.tally, self.identities, num_clients
+        )
 
-    def restore(self, state: dict) -> None:
-        self.strategy, self.privacy = state["strategy"], state["privacy"]
-        self.eval_sampler, self.tally = state["eval_sampler"], state["tally"]
+    def restore(self, plain: dict, arrays: dict, config, model: dict, secret) -> int:
+        """Continue from a checkpoint's state, each part checked before it is used (shapes against
+        ``model``); ``secret`` is the generator from secret_state.json. Returns the number of clients."""
+        run_state.check_federation(plain)
+        run_state.restore_strategy(self.strategy, plain["strategy"], arrays, model)
+        self.privacy = run_state.privacy_from_plain(plain["privacy"], config, secret)
+        run_state.restore_eval_sampler(self.eval_sampler, plain["eval_rng"])
+        run_state.restore_tally(self.tally, plain["tally"])
+        self.identities = run_state.identities_from_plain(plain["identities"])
+        return plain["num_clients"]
 
     def _instructions(self, server_round: int):
         dp = self.privacy.aggregator
@@ -164,17 +193,17 @@ class Federation:
         ).to_record()
 
     def run(self, arrays: ArrayRecord, num_rounds: int, first_round: int = 1) -> tuple[ArrayRecord, str]:
-        """Train rounds ``first_round..num_rounds``, until the budget stop, or until clients are
-        missing for longer than the wait limit; return the model and why it stopped."""
+        """Train rounds ``first_round..num_rounds``, until the budget stop, a failure, or until clients
+        are missing for longer than the wait limit; return the model of the last COMPLETED round (never
+        a half-done round's: every file of a stopped run describes the same round) and why it stopped.
+        ``self.stopped`` says how (:class:`Stop`)."""
         waking = time.monotonic()
         # Part of start-up, not of round 1: asks every client its identity, which also wakes
         # cold clients (process or worker start, imports, data) before the first round is timed.
         try:
             ready = len(self.connected_clients())
         except WaitTimeout as stop:  # e.g. a resume with the clients gone: stop cleanly, results kept
-            reason = f"stopped before round {first_round}: {stop}"
-            print(reason, flush=True)
-            return arrays, reason
+            return arrays, self._stop("clients", f"stopped before round {first_round}: {stop}")
         log(INFO, "%d clients ready in %.1f s", ready, time.monotonic() - waking)
         progress = Progress(num_rounds, first_round - 1)  # timed from round 1, not from start-up
         for server_round in range(first_round, num_rounds + 1):
@@ -184,20 +213,23 @@ class Federation:
                     f"budget stop before round {server_round}: it would raise epsilon from "
                     f"{ledger.epsilon():.3f} to {ledger.epsilon_if_step():.3f} > max-epsilon {self.max_epsilon}"
                 )
-                print(reason, flush=True)
-                return arrays, reason
+                return arrays, self._stop("budget", reason)
             started = time.monotonic()
+            self.round_counts = None
             try:
-                arrays, row = self.train_round(server_round, arrays)
+                new_arrays, row = self.train_round(server_round, arrays)
                 if self.federated_evaluation:
-                    row |= self.evaluate_round(server_round, arrays)
-            except (WaitTimeout, Diverged) as stop:
-                reason = f"stopped before finishing round {server_round}: {stop}"
-                print(reason, flush=True)
-                if isinstance(stop, Diverged) and self.health is not None:
+                    row |= self.evaluate_round(server_round, new_arrays)
+            except WaitTimeout as stop:
+                return arrays, self._stop("clients", f"stopped before finishing round {server_round}: {stop}", server_round)
+            except Diverged as stop:
+                if self.health is not None:
                     self.health.diverged(server_round, str(stop))
-                return arrays, reason
-            central = self.central_eval(arrays)
+                return arrays, self._stop("failed", f"stopped before finishing round {server_round}: {stop}", server_round)
+            except RoundFailed as failure:
+                return arrays, self._stop("failed", str(failure), server_round, failure)
+            row |= self.diagnostics.counts(server_round, self.round_counts)
+            central = self.central_eval(new_arrays)
             row["central_loss"], row["central_accuracy"] = central.loss, central.accuracy
             problems = []
             if self.health is not None:
@@ -209,11 +241,27 @@ class Federation:
             # that is safe only if nothing of the first attempt was released.
             self.recorder.add_round(row | self.privacy_fields(), publish=False)
             if self.on_round_end is not None:
-                self.on_round_end(server_round, arrays)
+                self.on_round_end(server_round, new_arrays)
+            arrays = new_arrays
             self.recorder.publish()
             line = progress.line(server_round, row["central_accuracy"], row["central_loss"], self.privacy_fields())
             print(line + "".join(f"  WARNING {kind}" for kind in problems), flush=True)
-        return arrays, f"completed {num_rounds} rounds"
+        return arrays, self._stop("completed", f"completed {num_rounds} rounds")
+
+    def _stop(self, kind: str, reason: str, interrupted_round: int | None = None,
+              error: RoundFailed | None = None) -> str:
+        """Record how the run ended; a round that did not finish keeps its exact counts (without DP in
+        summary.json, with DP only in the operator's 0600 diagnostics.jsonl), never a metrics row."""
+        if kind != "completed":
+            print(reason, flush=True)
+        interrupted = None
+        if interrupted_round is not None:
+            interrupted = {"round": interrupted_round}
+            if self.round_counts is not None:
+                flag = {"interrupted": True} if self.diagnostics.private else {}
+                interrupted |= self.diagnostics.counts(interrupted_round, self.round_counts | flag)
+        self.stopped = Stop(kind, reason, interrupted, error)
+        return reason
 
     def privacy_fields(self) -> dict:
         """The per-round privacy columns (null where a figure does not apply)."""
@@ -226,21 +274,29 @@ class Federation:
             "clipping_norm": tally.clipping_norm,
         }
 
+    def node_of(self, reply: Message) -> int:
+        """The node a reply is about. For a node that left, Flower's SuperLink answers with an error
+        of its own (source: the SuperLink's id); the instruction it answers names the node."""
+        return self._sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
     def _exchange(self, server_round: int, messages) -> tuple[list[Message], list[Message]]:
+        messages = list(messages)
+        received = send_and_receive(self.grid, messages, REPLY_TIMEOUT)
+        # Flower's grids set each pushed message's id on the message itself.
+        self._sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         replies = sorted(  # a fixed order (by client identity) makes aggregation bit-reproducible
-            send_and_receive(self.grid, messages, REPLY_TIMEOUT),
-            key=lambda m: (self.identities.get(m.metadata.src_node_id, ""), m.metadata.src_node_id),
+            received, key=lambda m: (self.identities.get(self.node_of(m), ""), self.node_of(m))
         )
         failures = [m for m in replies if m.has_error()]
         for message in failures:
-            self.diagnostics.event(server_round, f"client {message.metadata.src_node_id} failed: {message.error.reason}")
+            self.diagnostics.event(server_round, f"client {self.node_of(message)} failed: {message.error.reason}")
         return replies, failures
 
     def _refusals(self, server_round: int, replies: list[Message]) -> list[Message]:
         refused = [m for m in replies if not m.has_error() and m.content["metrics"].get(REFUSED, 0)]
         for message in refused:
             reason = message.content["status"]["reason"] if "status" in message.content else "refused"
-            self.diagnostics.event(server_round, f"client {message.metadata.src_node_id} refused to train: {reason}")
+            self.diagnostics.event(server_round, f"client {self.node_of(message)} refused to train: {reason}")
         return refused
 
     def _valid(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> list[Message]:
@@ -252,7 +308,7 @@ class Federation:
                 valid.append(message)
             else:
                 self.diagnostics.event(
-                    server_round, f"rejected the update of client {message.metadata.src_node_id}: {problem}"
+                    server_round, f"rejected the update of client {self.node_of(message)}: {problem}"
                 )
         return valid
 
@@ -272,12 +328,12 @@ class Federation:
             "num_refused": len(refused),
             "num_invalid": len(answered) - len(usable),
         }
+        self.round_counts = counts  # filed by run(): with the round's row, or as the interrupted round
         row = {"train_loss": _mean_metric(usable, TRAIN_LOSS)}
         if self.privacy.aggregator is not None:
             stepped = self._private_step(server_round, arrays, usable)
             counts |= {"num_clipped": self.tally.num_clipped, "num_rejected": self.tally.num_rejected}
-            return stepped, row | self.diagnostics.counts(server_round, counts)
-        row |= self.diagnostics.counts(server_round, counts)
+            return stepped, row
         if not usable and answered and not refused:
             raise Diverged(f"every update of round {server_round} was malformed (see the rejections above)")
         if not usable:

@@ -1,12 +1,17 @@
 """Let Flower's simulation engine skip the nodes that have no message waiting.
 
+Opt-in: ``index-idle-nodes = true`` (run config). It replaces methods of Flower's private
+``InMemoryLinkState`` and of the simulation engine, checked on flwr 1.41.0 only; on any other
+version it logs a warning and changes nothing, and tests/test_linkstate_index.py fails loudly
+until someone re-checks it against the new Flower source. Cost: a set of node ids per LinkState
+and one lock per poll of a node with something pending.
+
 Why: in Flower 1.41.0 the simulation engine's ``add_messages_to_queue``
-(``flwr/server/superlink/fleet/vce/vce_api.py``, lines 168-180) asks the LinkState for the
-pending messages of EVERY registered node every 0.1 s, one
-``state.get_message_ins(node_id=..., limit=1)`` call per node, and
-``InMemoryLinkState.get_message_ins`` (``flwr/server/superlink/linkstate/in_memory_linkstate.py``,
-lines 239-273) walks and re-validates every stored message on each call: O(nodes x messages)
-per sweep. At 100,000 simulated clients that was 86% of the simulation process and most of an
+(``flwr/server/superlink/fleet/vce/vce_api.py``) asks the LinkState for the pending messages of
+EVERY registered node every 0.1 s, one ``state.get_message_ins(node_id=..., limit=1)`` call per
+node, and ``InMemoryLinkState.get_message_ins``
+(``flwr/server/superlink/linkstate/in_memory_linkstate.py``) walks and re-validates every stored
+message on each call: O(nodes x messages) per sweep. At 100,000 simulated clients that was 86% of the simulation process and most of an
 18 s round, for 100 clients sampled (``benchmarks/results.md``, "3. Scale").
 
 What: :func:`install` wraps ``InMemoryLinkState.store_message_ins`` and ``get_message_ins``
@@ -32,7 +37,7 @@ The one thing given up: Flower's per-call scan also deleted expired messages of 
 side effect; now that happens only when a node with something pending is polled. Expiry as the
 ServerApp sees it is unchanged (``get_message_res`` checks the messages it is asked about).
 
-Where it applies: the ServerApp calls :func:`install` from ``main()``. In simulation the
+Where it applies: with the opt-in, the ServerApp calls :func:`install` from ``main()``. In simulation the
 ServerApp and the engine share the ``flwr-simulation`` process and its ``InMemoryLinkState``. In
 deployment the LinkState lives in the SuperLink process; the ServerApp's process has none (the
 module is not even imported there) and :func:`install` does nothing. Private Flower API: only

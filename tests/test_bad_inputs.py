@@ -1,7 +1,6 @@
 """Bad input anywhere a user gives it: each case fails before any training with a message that
 names what is wrong and how to fix it (never a traceback from deep inside a library)."""
 
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,8 @@ import pytest
 from common.config import ConfigError, NodeConfig, RunConfig
 from common.data.client_data import load_client_data
 from common.data.files import DataFileError
-from server_app.checkpoint import Checkpoint, load_checkpoint
+from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server_app.plain import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,8 +36,7 @@ def _client_file(content: str, name="mine.csv", num_features=64):
 def _resume(saved_config: dict, now: dict):
     def load(tmp):
         if saved_config:
-            checkpoint = Checkpoint(1, None, {}, [], saved_config, 1.0)
-            (tmp / "checkpoint.pkl").write_bytes(pickle.dumps(checkpoint))
+            save_checkpoint(str(tmp), Checkpoint(1, {}, {}, {}, [{"round": 1}], saved_config, 1.0))
         return load_checkpoint(str(tmp), now)
 
     return load
@@ -85,6 +84,12 @@ CASES = {
     # resuming
     "resume with no checkpoint": (_resume({}, {"seed": 1}), FileNotFoundError, "no checkpoint at"),
     "resume with another config": (_resume({"seed": 1}, {"seed": 2}), ValueError, "seed: 1 -> 2"),
+    "resume more rounds of a target-epsilon run": (
+        _resume({"num-server-rounds": 5, "target-epsilon": 3.0}, {"num-server-rounds": 8, "target-epsilon": 3.0}),
+        ConfigError, "the noise multiplier was solved from target-epsilon = 3.0 for 5 rounds"),
+    "resume an old pickle checkpoint": (
+        lambda tmp: (tmp / "checkpoint.pkl").write_bytes(b"\x80\x04.") and load_checkpoint(str(tmp), {}),
+        CheckpointError, "written by an older version of this app"),
     # certificates
     "missing CA file": (_ca_file(None), ValueError, "no such file; pass the ca.crt"),
     "a key instead of the CA": (_ca_file("-----BEGIN EC PRIVATE KEY-----\n"), ValueError, "this is a private key"),

@@ -211,3 +211,15 @@ def test_other_flower_versions_are_left_alone(pristine, monkeypatch):
     assert linkstate_index.install() is False
     assert not getattr(InMemoryLinkState.get_message_ins, linkstate_index._MARK, False)
     assert not getattr(vce_api.add_messages_to_queue, linkstate_index._MARK, False)
+
+
+def test_the_patch_is_checked_against_the_installed_flower():
+    """Fails loudly on an upgrade: re-read Flower's LinkState and simulation engine, re-run this
+    file's tests against them, then update linkstate_index.FLOWER_VERSION."""
+    import flwr
+
+    assert flwr.__version__ == linkstate_index.FLOWER_VERSION, (
+        f"server_app/linkstate_index.py patches private API of flwr {linkstate_index.FLOWER_VERSION}; "
+        f"flwr {flwr.__version__} is installed: re-check it before relying on index-idle-nodes"
+    )
+

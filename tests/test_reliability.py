@@ -160,12 +160,23 @@ def test_robust_strategies_refuse_too_few_clients_for_their_f():
 
 
 def test_checkpoint_keeps_zero_copy_arrays_as_received_in_deployment(tmp_path):
-    """Deployment hands the server arrays backed by memoryviews, which plain pickle refuses."""
+    """Deployment hands the server arrays backed by memoryviews (the model, and a strategy's state)."""
+    from flwr.serverapp.strategy import FedAvgM
+
     from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from server_app.run_state import restore_strategy, strategy_to_plain
 
     record = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))})
     record["w"].data = memoryview(bytes(record["w"].data))
-    save_checkpoint(str(tmp_path), Checkpoint(3, record, {"strategy_arrays": record}, [{"round": 3}], {"seed": 1}, 9.0))
+    strategy = FedAvgM()
+    strategy.current_arrays = record
+    plain, arrays = strategy_to_plain(strategy)
+    model = {name: array.numpy() for name, array in record.items()}
+    rows = [{"round": r} for r in (1, 2, 3)]
+    save_checkpoint(str(tmp_path), Checkpoint(3, model, {"strategy": plain}, arrays, rows, {"seed": 1}, 9.0))
     restored = load_checkpoint(str(tmp_path), {"seed": 1})
-    assert restored.completed_rounds == 3 and restored.rows == [{"round": 3}]
-    assert np.array_equal(restored.arrays["w"].numpy(), np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert restored.completed_rounds == 3 and restored.rows == rows
+    assert np.array_equal(restored.model["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    fresh = FedAvgM()
+    restore_strategy(fresh, restored.federation["strategy"], restored.arrays, restored.model)
+    assert np.array_equal(fresh.current_arrays["w"].numpy(), np.arange(6, dtype=np.float32).reshape(2, 3))

@@ -13,6 +13,7 @@ import pytest
 from common.config import RunConfig
 from common.privacy.secret_random import SecretRandom
 from server_app.checkpoint import CHECKPOINT_FILE, SECRET_FILE, Checkpoint, load_checkpoint, save_checkpoint
+from server_app.run_state import privacy_from_plain, privacy_to_plain
 from server_app.diagnostics import DIAGNOSTICS_FILE, Diagnostics
 from server_app.federation import Federation, WaitTimeout
 from server_app.privacy import plan_privacy
@@ -22,18 +23,26 @@ def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+def _save(tmp_path, plan) -> None:
+    model = {"w": np.zeros((2, 3), dtype=np.float32)}
+    save_checkpoint(str(tmp_path), Checkpoint(1, model, {"privacy": privacy_to_plain(plan)}, {}, [{"round": 1}],
+                                              {"seed": 1}, 1.0, plan.secret))
+
+
 def test_the_checkpoint_holds_no_key_and_a_resume_continues_the_same_stream(tmp_path):
-    plan = plan_privacy(RunConfig(dp="server", sampling="poisson", clients_per_round=3), num_clients=10)
+    config = RunConfig(dp="server", sampling="poisson", clients_per_round=3, clipping="adaptive", adaptive_count_stddev=1.0)
+    plan = plan_privacy(config, num_clients=10)
     plan.secret.gaussian((5,), 1.0)  # the stream has moved on before the checkpoint
     key = bytes.fromhex(plan.secret.state_dict()["key"])
-    save_checkpoint(str(tmp_path), Checkpoint(1, None, {"privacy": plan}, [], {"seed": 1}, 1.0))
+    _save(tmp_path, plan)
 
-    pickled = (tmp_path / CHECKPOINT_FILE).read_bytes()
-    assert key not in pickled and key.hex().encode() not in pickled
-    assert _mode(tmp_path / SECRET_FILE) == 0o600
+    public = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("checkpoint"))
+    assert key not in public and key.hex().encode() not in public
+    assert (tmp_path / CHECKPOINT_FILE).exists() and _mode(tmp_path / SECRET_FILE) == 0o600
     assert json.loads((tmp_path / SECRET_FILE).read_text())["key"] == key.hex()
 
-    restored = load_checkpoint(str(tmp_path), {"seed": 1}).federation_state["privacy"]
+    checkpoint = load_checkpoint(str(tmp_path), {"seed": 1})
+    restored = privacy_from_plain(checkpoint.federation["privacy"], config, checkpoint.secret)
     # One generator shared by the sampler, the noise and the adaptive clipping, as before.
     assert restored.sampler.rng is restored.aggregator.rng is restored.secret
     assert np.array_equal(restored.secret.gaussian((100,), 1.0), plan.secret.gaussian((100,), 1.0))
@@ -41,7 +50,7 @@ def test_the_checkpoint_holds_no_key_and_a_resume_continues_the_same_stream(tmp_
 
 def test_a_resume_without_the_secret_file_says_what_is_missing(tmp_path):
     plan = plan_privacy(RunConfig(dp="server", sampling="all"), num_clients=4)
-    save_checkpoint(str(tmp_path), Checkpoint(1, None, {"privacy": plan}, [], {"seed": 1}, 1.0))
+    _save(tmp_path, plan)
     (tmp_path / SECRET_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="secret state .* is missing"):
         load_checkpoint(str(tmp_path), {"seed": 1})
