@@ -230,9 +230,9 @@ def _secret_states(document) -> list:
 def test_no_public_file_holds_the_next_rounds_noise(tmp_path):
     """Attack: copy every public file of output-dir as it is after round 1 (an observer of output-dir
     sees them while the run goes on; the checkpoint in particular), take any random generator out
-    of them (unpickling checkpoint.pkl, reading generator states from JSON files) and draw round 2's
+    of them (unpickling an old checkpoint.pkl, reading generator states from any JSON file) and draw round 2's
     noise before round 2 happens; subtract it from the released change of round 2 (final model.pt
-    minus the round-1 model from the checkpoint). Threshold as above: a residual within C * 10 / m
+    minus the round-1 model from the checkpoint's NPZ). Threshold as above: a residual within C * 10 / m
     (+1e-3) means round 2 was released without noise. Files only their owner can read are not public."""
     clients, clip, z = 10, 1.0, 1.0
     run_dir = tmp_path / "run"
@@ -258,6 +258,10 @@ def test_no_public_file_holds_the_next_rounds_noise(tmp_path):
             record = getattr(checkpoint, "arrays", None)
             if isinstance(record, ArrayRecord):
                 round_one = {k: a.numpy().astype(np.float64) for k, a in record.items()}
+        elif name.endswith(".npz"):  # today's checkpoint: the model as model.0, model.1, ... in state_dict order
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                ordered = [npz[f"model.{i}"].astype(np.float64) for i in range(sum(k.startswith("model.") for k in npz.files))]
+            round_one = dict(zip(released_model(out), ordered))
         elif name.endswith((".json", ".jsonl")):
             for line in data.decode(errors="replace").splitlines() if name.endswith(".jsonl") else [data.decode()]:
                 try:
