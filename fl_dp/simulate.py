@@ -29,6 +29,7 @@ from pathlib import Path
 from fl_dp import outcome
 from fl_dp.help import HelpFormatter
 from fl_dp.run_config import RunConfigError, parse_overrides, to_flwr, validate
+from server_app.output_dir import run_files
 
 APP_DIR = Path(__file__).resolve().parent.parent
 APP_PARTS = ("pyproject.toml", "common", "client_app", "server_app")
@@ -127,7 +128,13 @@ def plan_run(run_config: str, output_dir: str, num_clients: int) -> tuple[Path, 
         raise RunConfigError(f"--output-dir {output_dir} and output-dir={given!r} disagree; give one")
     chosen = Path(given or output_dir or APP_DIR / "outputs" / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
     overrides["output-dir"] = str(chosen)
-    validate(overrides)
+    config = validate(overrides)
+    used = run_files(str(chosen))
+    if used and not (config.resume or config.overwrite):
+        raise RunConfigError(
+            f"output-dir {chosen} already holds a run ({', '.join(used[:3])}); add resume=true to continue it, "
+            "overwrite=true to move it aside, or choose another --output-dir"
+        )
     if num_clients < 1:
         raise RunConfigError(f"--num-clients {num_clients}: give a whole number >= 1")
     return chosen, to_flwr(overrides)

@@ -66,3 +66,11 @@ def test_one_exit_code_contract(status, stop_kind, code):
 def test_the_stop_kind_is_read_from_the_servers_log():
     log = "INFO : round 1/5 ...\nINFO : fl-dp stop-kind: budget\n"
     assert outcome.stop_kind_in_log(log) == "budget" and outcome.stop_kind_in_log("nothing") is None
+
+
+def test_a_used_output_dir_is_refused_before_anything_starts(tmp_path):
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(RunConfigError, match="already holds a run .summary.json.; add resume=true"):
+        plan_run("", str(tmp_path), 3)
+    assert plan_run("overwrite=true", str(tmp_path), 3)[0] == tmp_path
+
