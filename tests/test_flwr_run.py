@@ -1,20 +1,18 @@
-"""The user's path: `python scripts/simulate.py` submits the app with `flwr run` and cleans up."""
+"""The user's path: `fl-dp simulate` submits the app with `flwr run`, cleans up, and its exit code
+says how the run ended (0 completed, 1 failed, 2 usage, 3 budget, 4 clients)."""
 
 import json
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.e2e
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "simulate.py"
-
-
 def _simulate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, "-m", "fl_dp", "simulate", *args], capture_output=True, text=True, timeout=600, check=False
     )
 
 
@@ -30,12 +28,36 @@ def test_flwr_run_finishes_writes_results_and_leaves_nothing_running(tmp_path):
     assert "round 2/2" in done.stdout and f"Results: {out}" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["final_central_accuracy"] > 0.3
-    assert not _flower_processes_using("flwr-home-"), "a Flower process outlived the run"
+    home = re.search(r"(/\S*flwr-home-[^/\s]+)/app", done.stdout).group(1)  # this run's private FLWR_HOME
+    assert not _flower_processes_using(home), "a Flower process of this run outlived it"
 
 
-def test_flwr_run_reports_a_failed_run_with_nonzero_exit(tmp_path):
-    done = _simulate("--num-clients", "2", "--output-dir", str(tmp_path), "--run-config", "strategy='fedsgd'")
-    assert done.returncode == 1
+def test_a_run_that_fails_in_the_runtime_exits_1(tmp_path):
+    missing = tmp_path / "no-such-file.csv"  # valid config, fails when the ServerApp reads it
+    done = _simulate("--num-clients", "2", "--output-dir", str(tmp_path / "run"), "--run-config",
+                     f"dataset='file' central-data-path='{missing}' dataset-path='{missing}'")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "did not complete" in done.stderr
-    assert "strategy = 'fedsgd' is not valid; choose one of: fedavg" in done.stdout
-    assert not _flower_processes_using("flwr-home-")
+
+
+def test_a_bad_value_exits_2_before_anything_starts(tmp_path):
+    done = _simulate("--num-clients", "2", "--output-dir", str(tmp_path), "--run-config", "strategy='fedsgd'")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "strategy = 'fedsgd' is not valid; choose one of: fedavg" in done.stderr
+
+
+def test_a_budget_stop_exits_3(tmp_path):
+    out = tmp_path / "run"
+    done = _simulate("--num-clients", "3", "--output-dir", str(out), "--run-config",
+                     "dp='server' sampling='all' noise-multiplier=1.0 max-epsilon=10.0 num-server-rounds=6 local-epochs=1")
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_kind"] == "budget" and summary["rounds"] == 3 and summary["epsilon"] <= 10.0
+
+
+def test_a_run_starved_of_clients_exits_4(tmp_path):
+    out = tmp_path / "run"
+    done = _simulate("--num-clients", "2", "--output-dir", str(out), "--run-config",
+                     "min-available-clients=5 wait-timeout=2.0")
+    assert done.returncode == 4, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["stop_kind"] == "clients"
