@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client_app.attacks import attack_update, is_malicious
+from client_app.canary import canary_mod, with_canary_examples
 from client_app.policy import client_rng, epsilon_cap, mode_refusal, noise_refusal
 from client_app.privacy_store import PrivacyStore, client_identity
 from client_app.training import train_locally
@@ -41,7 +42,7 @@ from common.protocol import (
 torch.set_num_threads(1)  # one CPU per simulated client; Flower runs clients side by side
 
 keep_root_logger_quiet()
-app = ClientApp()
+app = ClientApp(mods=[canary_mod])  # audit canaries (fl-dp audit): a no-op unless audit-canaries > 0
 
 
 def _prepare(msg: Message, context: Context):
@@ -51,6 +52,7 @@ def _prepare(msg: Message, context: Context):
     data = load_client_data(config, node, instructions.num_features, instructions.num_classes)
     if instructions.scaling is not None:
         data = data.scaled(instructions.scaling)
+    data = with_canary_examples(config, node, data, instructions.num_classes)  # dpsgd audits only
     model = build_model(config.model, instructions.num_features, instructions.num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return config, node, instructions, data, model

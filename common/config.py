@@ -173,6 +173,10 @@ class RunConfig:
         "index-idle-nodes", False, None,
         "huge simulations: Flower 1.41.0's engine skips idle nodes (patches private Flower API)",
     )
+    audit_canaries: int = _key(
+        "audit-canaries", 0, _non_negative,
+        "fl-dp audit: canary clients (server, client, none) or canary examples in partition 0 (dpsgd); 0: none",
+    )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":

@@ -3,6 +3,7 @@
     fl-dp simulate   a simulated federation through Flower's runtime (`flwr run`)
     fl-dp sweep      the same federation non-private and at several target epsilons
     fl-dp submit     submit to a running SuperLink and wait for the run
+    fl-dp audit      a simulated run with canaries: a measured lower bound on epsilon beside the ledger's
     fl-dp certs      a CA, the SuperLink's certificate and SuperNode keys for TLS
 
 `fl-dp <command> --help` shows each command's options with their defaults. Every launcher
@@ -43,7 +44,14 @@ def _certs(argv: list[str]) -> int:
     return subprocess.call(["bash", str(CERTS_SCRIPT), *argv])
 
 
-COMMANDS = {"simulate": _simulate, "sweep": _sweep, "submit": _submit, "certs": _certs}
+def _audit(argv: list[str]) -> int:
+    """A simulated run with canaries: a measured lower bound on epsilon next to the ledger's (audit.json)."""
+    from fl_dp.audit import main
+
+    return main(argv)
+
+
+COMMANDS = {"simulate": _simulate, "sweep": _sweep, "submit": _submit, "certs": _certs, "audit": _audit}
 
 
 def main(argv: list[str] | None = None) -> int:

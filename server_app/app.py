@@ -115,6 +115,10 @@ def main(grid: Grid, context: Context) -> None:
 
     recorder.constant_columns = privacy_columns(config, federation.privacy)
     federation.on_round_end = save
+    if config.audit_canaries:  # fl-dp audit: every released model, for the canary scores
+        from server_app.audit_rounds import keeping_models
+
+        federation.on_round_end = keeping_models(output_dir, save, arrays, first_round)
     with federation.diagnostics.flower_counts_diverted():
         final, _ = federation.run(arrays, config.num_server_rounds, first_round)
     _finish(config, recorder, federation, final, elapsed_before + time.monotonic() - started, num_clients,
