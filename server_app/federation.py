@@ -382,7 +382,12 @@ class Federation:
             server_round, arrays, self._instructions(server_round), OfferedNodes(chosen)
         )
         replies, _ = self._exchange(server_round, messages)
-        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        # A client with no validation split (e.g. 1-2 examples each) weighs 0: Flower's weighted mean
+        # of only such replies divides by zero, so they are left out; with none left there is no figure.
+        weighed = [m for m in replies if m.has_error() or m.content["metrics"].get(NUM_EXAMPLES, 0) > 0]
+        if not any(not m.has_error() for m in weighed):
+            return {"federated_loss": None, "federated_accuracy": None}
+        metrics = self.strategy.aggregate_evaluate(server_round, weighed)
         return {"federated_loss": _metric(metrics, EVAL_LOSS), "federated_accuracy": _metric(metrics, EVAL_ACCURACY)}
 
 

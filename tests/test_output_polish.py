@@ -38,3 +38,13 @@ def test_round_ticks_are_whole_numbers():
 
     ticks = _whole_rounds().tick_values(1, 3)
     assert all(float(t).is_integer() for t in ticks)
+
+
+def test_clients_without_validation_data_do_not_break_federated_evaluation(tmp_path):
+    """1,000 clients on digits hold 1-2 examples each: none has a validation split, every
+    evaluation weight is 0 and Flower's weighted mean divided by zero, failing the run."""
+    out = run_inprocess(FAST | {"output-dir": str(tmp_path), "num-server-rounds": 1, "clients-per-round": 20},
+                        num_clients=1000)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = json.loads((out / "metrics.json").read_text())
+    assert summary["stop_kind"] == "completed" and rows[0]["federated_accuracy"] is None
