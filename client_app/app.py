@@ -168,7 +168,7 @@ def identify(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     config = RunConfig.from_run_config(context.run_config)
     node = NodeConfig.from_node_config(context.node_config)
-    if config.dp != "none" or node.policy.require_dp:
+    if config.privacy.private or node.policy.require_dp:
         # Exact loss, accuracy and example count of private data: covered by no guarantee.
         reason = mode_refusal(config, node.policy) or f"dp = {config.dp!r}: this client releases no evaluation statistics"
         return Message(RecordDict({"metrics": MetricRecord({REFUSED: 1}), "status": ConfigRecord({"reason": reason})}),

@@ -30,6 +30,7 @@ from common.names import (
     SAMPLING,
     STRATEGIES,
 )
+from common.privacy.modes import MODES, PrivacyMode
 
 
 class ConfigError(ValueError):
@@ -201,36 +202,36 @@ class RunConfig:
         return config
 
     def _check_combinations(self) -> None:
-        if self.dp in ("server", "client") and self.strategy not in MEAN_BASED_STRATEGIES:
+        if self.privacy.server_noise and self.strategy not in MEAN_BASED_STRATEGIES:
             raise ConfigError(
                 f"strategy = {self.strategy!r} cannot be combined with dp = {self.dp!r}: user-level "
                 "DP-FedAvg calibrates its noise to the sensitivity of the MEAN of clipped updates, "
                 f"and {self.strategy} does not aggregate by the mean. Use dp = 'dpsgd' or 'local' "
                 f"with {self.strategy}, or one of {', '.join(MEAN_BASED_STRATEGIES)} with dp = {self.dp!r}"
             )
-        if self.clipping == "adaptive" and self.dp not in ("server", "client"):
+        if self.clipping == "adaptive" and not self.privacy.server_noise:
             raise ConfigError(
                 f"clipping = 'adaptive' needs dp = 'server' or 'client' (got dp = {self.dp!r}); "
                 "use clipping = 'fixed' otherwise"
             )
-        if self.dp == "none" and (self.target_epsilon or self.max_epsilon):
+        if not self.privacy.private and (self.target_epsilon or self.max_epsilon):
             raise ConfigError(
                 f"target-epsilon = {self.target_epsilon!r} / max-epsilon = {self.max_epsilon!r} need a "
                 f"privacy mode; set dp to one of: {', '.join(DP_MODES[1:])}"
             )
-        if self.accountant == "pld" and self.sampling == "fixed" and self.dp in ("server", "client"):
+        if self.accountant == "pld" and self.sampling == "fixed" and self.privacy.server_noise:
             raise ConfigError(
                 "accountant = 'pld' cannot account sampling = 'fixed' (dp-accounting's PLD has no "
                 "fixed-size sampling event); use accountant = 'rdp' or sampling = 'poisson' or 'all'"
             )
-        if self.debug_noise_key and self.dp not in ("server", "client"):
+        if self.debug_noise_key and not self.privacy.server_noise:
             raise ConfigError(
                 f"debug-noise-key applies to the server's noise (dp = 'server' or 'client'), not dp = {self.dp!r}; "
                 "a dpsgd/local client takes its own debug key from its node config, never from the server"
             )
         if self.local_mechanism == "laplace" and self.dp != "local":
             raise ConfigError("local-mechanism = 'laplace' applies to dp = 'local' only")
-        if self.dp != "none" and self.noise_multiplier == 0 and not self.target_epsilon:
+        if self.privacy.private and self.noise_multiplier == 0 and not self.target_epsilon:
             raise ConfigError(
                 f"dp = {self.dp!r} with noise-multiplier = 0.0 gives no privacy; set noise-multiplier > 0 "
                 "or target-epsilon > 0"
@@ -246,6 +247,11 @@ class RunConfig:
             )
         if self.dataset_path and self.dataset != "file":
             raise ConfigError(f"dataset-path applies to dataset = 'file' (got dataset = {self.dataset!r})")
+
+    @property
+    def privacy(self) -> PrivacyMode:
+        """What the chosen ``dp`` mode does (common/privacy/modes.py)."""
+        return MODES[self.dp]
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config with its run-config keys, as written to config.json."""

@@ -4,6 +4,8 @@ Kept apart from the registries so the config can validate a name on a machine th
 has one side installed (a client has no strategy code), and so the error lists every choice.
 """
 
+from common.privacy.modes import MODES
+
 STRATEGIES = (
     "fedavg",
     "fedavgm",
@@ -22,7 +24,7 @@ DATASETS = ("digits", "mnist1d", "file")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 MODELS = ("mlp", "logreg", "cnn1d")
 OPTIMIZERS = ("sgd", "adam")
-DP_MODES = ("none", "server", "client", "dpsgd", "local")
+DP_MODES = tuple(MODES)  # none, server, client, dpsgd, local: see common/privacy/modes.py
 CLIPPING = ("fixed", "adaptive")
 SAMPLING = ("poisson", "fixed", "all")
 LOCAL_MECHANISMS = ("gaussian", "laplace")

@@ -40,12 +40,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.privacy.modes import MODES
 from fl_dp.help import HelpFormatter
 from fl_dp.run_config import RunConfigError, parse_overrides, to_flwr
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
-DP_MODES = ("server", "client", "dpsgd", "local")
+DP_MODES = tuple(name for name, mode in MODES.items() if mode.private)  # the sweep's private runs
 # Keys the sweep sets itself for every run.
 SWEEP_KEYS = ("dp", "target-epsilon", "output-dir")
 # Keys that only make sense with a privacy mode: the non-private run drops them

@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint = load_checkpoint(output_dir, config.to_dict()) if config.resume else None
     recorder = RunRecorder(output_dir, config.to_dict() | {"output-dir": output_dir})
     print(f"Writing results to {output_dir}", flush=True)
-    private = config.dp != "none"
+    private = config.privacy.private
     if private:
         print(f"Exact counts and per-client events go to {DIAGNOSTICS_FILE} (mode 0600, operator-only, not released)",
               flush=True)
@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
         return evaluate_in_detail(model, test_set.x, test_set.y)
 
     # Per-client metrics are computed on private data: in DP modes they are not collected.
-    federated_evaluation = config.fraction_evaluate > 0 and config.val_fraction > 0 and config.dp == "none"
+    federated_evaluation = config.fraction_evaluate > 0 and config.val_fraction > 0 and not config.privacy.private
     federation = Federation(
         grid=grid,
         strategy=build_strategy(config, federated_evaluation),
@@ -84,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
         scaling=scaling,
         health=RunHealth(test_set.num_classes, len(set(test_set.y.tolist()))),
         # dpsgd/local clients clip at the configured norm (server/client modes record theirs per round).
-        tally=PrivacyTally(clipping_norm=config.clipping_norm if config.dp in ("dpsgd", "local") else None),
+        tally=PrivacyTally(clipping_norm=config.clipping_norm if config.privacy.self_protecting else None),
     )
     arrays, first_round, elapsed_before = ArrayRecord(model.state_dict()), 1, 0.0
     if checkpoint is not None:

@@ -52,7 +52,7 @@ class PrivacyPlan:
 
 
 def expected_clients_per_round(config: RunConfig, num_clients: int) -> int:
-    if config.sampling == "all" and config.dp in ("server", "client"):
+    if config.sampling == "all" and config.privacy.server_noise:
         return num_clients
     return ClientSampler(config.clients_per_round, SeededChoices(0)).sample_size(num_clients)
 
@@ -78,7 +78,7 @@ def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
     """Choose sampling, solve or take the noise multiplier, and open the ledger."""
     m = expected_clients_per_round(config, num_clients)
     check_robust_quorum(config, m)
-    if config.dp not in ("server", "client"):
+    if not config.privacy.server_noise:
         # Client-side mechanisms: the server's sampling adds no guarantee of its own.
         sampler = (
             EveryoneSampler() if config.sampling == "all" else ClientSampler(config.clients_per_round, SeededChoices(config.seed))
@@ -136,7 +136,7 @@ def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
         noise_multiplier=z,
         clipping_norm=config.clipping_norm,
         expected_clients=m,
-        clip_on_server=config.dp == "server",
+        clip_on_server=not config.privacy.client_clips,
         rng=secret,
         adaptive=adaptive,
     )
@@ -163,14 +163,14 @@ def guarantee_sentence(config: RunConfig, plan: PrivacyPlan | None, rounds: int,
                        sample_epsilon: float | None, debug_clients: bool = False) -> str:
     """One sentence a reader can quote: what is protected, how strongly, under which assumptions,
     and exactly what was released."""
-    if config.dp == "none":
+    if not config.privacy.private:
         return "No differential privacy: dp = 'none'."
     if rounds == 0:
         return "No round ran, so no model update was released (epsilon 0)."
-    if config.dp in ("server", "client"):
+    if config.privacy.server_noise:
         described = plan.ledger.describe()
         clip = "adaptive" if config.clipping == "adaptive" else f"fixed at {config.clipping_norm}"
-        where = "the server" if config.dp == "server" else "each client"
+        where = "each client" if config.privacy.client_clips else "the server"
         warning = NO_GUARANTEE.format(who="the server") if plan.insecure else ""
         return warning + (
             f"The released global models of all {rounds} rounds satisfy ({epsilon:.3f}, {config.target_delta:g})-DP "
@@ -207,7 +207,7 @@ def guarantee_sentence(config: RunConfig, plan: PrivacyPlan | None, rounds: int,
 
 def privacy_columns(config: RunConfig, plan: PrivacyPlan | None) -> dict:
     """The columns that are the same in every round's row: what the epsilon means."""
-    if config.dp == "none" or plan is None:
+    if not config.privacy.private or plan is None:
         return {"delta": None, "accountant": None, "sampling": config.sampling, "neighbouring_relation": None}
     if plan.ledger is not None:
         described = plan.ledger.describe()

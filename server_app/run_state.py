@@ -262,7 +262,7 @@ def privacy_from_plain(plain: Any, config: RunConfig, secret: SecretRandom | Non
     """The plan the interrupted run was using, sharing ``secret`` as the original shared its generator."""
     where = "federation.privacy"
     record(plain, PLAN, where)
-    user_level = config.dp in ("server", "client")
+    user_level = config.privacy.server_noise
     present = [plain["ledger"] is not None, plain["aggregator"] is not None, plain["secret"] is not None]
     if present != [user_level] * 3:
         raise CheckpointError(f"{where}: ledger/aggregator/secret {present} do not fit dp = {config.dp!r}")

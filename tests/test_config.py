@@ -89,3 +89,14 @@ def test_bad_node_config(node_config, message):
 def test_node_config_accepts_partition_or_file():
     assert NodeConfig.from_node_config({"partition-id": 1, "num-partitions": 3}).partition_id == 1
     assert NodeConfig.from_node_config({"data-path": "/data/mine.csv"}).data_path == "/data/mine.csv"
+
+
+def test_each_privacy_mode_is_one_object_the_code_asks():
+    from common.names import DP_MODES
+    from common.privacy.modes import MODES
+
+    assert DP_MODES == tuple(MODES) == ("none", "server", "client", "dpsgd", "local")
+    modes = {name: RunConfig.from_run_config({"dp": name}).privacy for name in DP_MODES}
+    assert [n for n, m in modes.items() if m.server_noise] == ["server", "client"]
+    assert [n for n, m in modes.items() if m.self_protecting] == ["dpsgd", "local"]
+    assert [n for n, m in modes.items() if not m.private] == ["none"] and modes["client"].client_clips
