@@ -338,11 +338,14 @@ class Federation:
             raise Diverged(f"every update of round {server_round} was malformed (see the rejections above)")
         if not usable:
             reasons = "; ".join(sorted({m.error.reason for m in failures})) or (
-                "all refused (privacy budget exhausted)" if refused else "no clients sampled"
+                ("all refused: each client's reason is in "
+                 + ("diagnostics.jsonl (operator-only)" if self.diagnostics.private else "the log above")
+                 + "; e.g. its privacy budget or its own policy")
+                if refused else "no clients sampled"
             )
-            raise RoundFailed(
-                f"round {server_round}: none of {len(messages)} sampled clients returned an update ({reasons})"
-            )
+            # A DP run publishes no exact count, the number sampled included.
+            nobody = "no sampled client" if self.diagnostics.private else f"none of {len(messages)} sampled clients"
+            raise RoundFailed(f"round {server_round}: {nobody} returned an update ({reasons})")
         new_arrays, _ = self.strategy.aggregate_train(server_round, usable)
         if new_arrays is None:
             raise RoundFailed(
