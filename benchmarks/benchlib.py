@@ -1,19 +1,20 @@
-"""Shared helpers for the performance benchmarks (sim_overhead, message_overhead, scale, dpsgd_cost).
+"""What the benchmark scripts share: the machine and its load, process trees, one whole run, results files.
 
-* :func:`machine` describes the machine (CPU, cores, memory, versions) for the results file;
-* :func:`wait_for_quiet` waits (bounded) until the 1-minute load average is low enough to
-  measure, and returns the load so that every figure can be recorded next to it;
-* :class:`TreeMemory` samples the memory of a whole process tree every 0.5 s (from /proc);
-* :func:`write_section` rewrites ONE benchmark's section of ``benchmarks/results.md``
-  (between ``<!-- name:start -->`` and ``<!-- name:end -->``), leaving the others alone, so
-  the scripts can run independently (and concurrently: the file is locked while rewritten).
+Scripts run as ``.venv/bin/python benchmarks/<name>.py``: Python puts the script's folder first on
+``sys.path``, so ``import benchlib`` finds this file; the app's packages come from the editable install.
+:func:`write_section` rewrites ONE section of a results file in one locked read-modify-write, so
+scripts can run in any order and at once.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import fcntl
+import json
 import os
 import platform
+import re
 import shlex
 import signal
 import statistics
@@ -21,94 +22,41 @@ import subprocess
 import sys
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any, Callable
+
+from fl_dp.run_config import to_flwr
+from fl_dp.simulate import QUIET_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results.md"
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "RAY_DEDUP_LOGS": "0",
-}
 
-# Section order in results.md (the issue's numbering) and their headings.
+# The headings of the sections of results.md that scripts write.
 SECTIONS = {
     "sim_overhead": "1. Simulation overhead (`benchmarks/sim_overhead.py`)",
     "message_overhead": "2. Deployment message overhead (`benchmarks/message_overhead.py`)",
     "scale": "3. Scale (`benchmarks/scale.py`)",
     "dpsgd_cost": "4. DP-SGD cost (`benchmarks/dpsgd_cost.py`)",
-    "privacy_utility": "5. Privacy-utility",
 }
-
-PRIVACY_UTILITY = """The privacy-utility tables (the sweep from the privacy issue on digits and MNIST-1D, and the
-DP-SGD-vs-central and user-level MNIST-1D comparisons) are kept by their owner in
-[`results_privacy.md`](results_privacy.md). The sweep is reproduced with `scripts/sweep.py`, e.g.
-
-```bash
-.venv/bin/python scripts/sweep.py --num-clients 10 \\
-  --run-config "num-server-rounds=20 local-epochs=1 batch-size=48 learning-rate=1.0 momentum=0.0 val-fraction=0.0"
-.venv/bin/python scripts/sweep.py --dp server --epsilons 2,4,8 --num-clients 100 \\
-  --run-config "sampling='poisson' clients-per-round=10 num-server-rounds=50 local-epochs=1"
-```
-
-See [`README.md`](README.md) in this folder for what each writes."""
-
-HEADER = """# Performance benchmarks
-
-Measured on this machine by the scripts in this folder; each script rewrites only its own
-section (run them in any order). The machine has 2 cores and is shared with other jobs
-(docker builds, long simulations): every figure carries the 1-minute load average measured
-next to it (`load`); figures taken at a load above ~2.5 are slowed by other work and are
-upper bounds. Issue: #5.
-"""
-
-
-# ----------------------------------------------------------------------------- machine
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _mem_total_gib() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _version(module: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:  # noqa: BLE001 - a description must never fail
-        return "?"
 
 
 def machine() -> str:
-    """One paragraph describing the machine and the software versions."""
+    """One sentence: CPU, cores, memory, system and the versions that matter."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _proc("cpuinfo") if line.startswith("model name")),
+               platform.processor() or "unknown CPU")
+    mem = next((int(line.split()[1]) / 2**20 for line in _proc("meminfo") if line.startswith("MemTotal:")), float("nan"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"Machine: {_cpu_model()}, {cores} cores usable ({os.cpu_count()} online), "
-        f"{_mem_total_gib():.1f} GiB RAM, {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}, torch {_version('torch')}, flwr {_version('flwr')}, "
-        f"opacus {_version('opacus')}, ray {_version('ray')}."
-    )
+    versions = ", ".join(f"{name} {version(name)}" for name in ("torch", "flwr", "opacus", "ray"))
+    return (f"Machine: {cpu}, {cores} cores usable ({os.cpu_count()} online), {mem:.1f} GiB RAM, "
+            f"{platform.system()} {platform.release()}; Python {platform.python_version()}, {versions}.")
 
 
-# ----------------------------------------------------------------------------- load
+def _proc(name: str) -> list[str]:
+    try:
+        return Path("/proc", name).read_text().splitlines()
+    except OSError:
+        return []
 
 
 def load1() -> float:
@@ -116,11 +64,7 @@ def load1() -> float:
 
 
 def wait_for_quiet(threshold: float = 2.5, max_wait: float = 600.0, poll: float = 20.0, quiet: bool = False) -> float:
-    """Wait until the 1-minute load is <= ``threshold`` (at most ``max_wait`` s); return the load then.
-
-    The machine is shared: when other jobs keep it busy past ``max_wait`` the measurement goes
-    ahead anyway and the (high) load is recorded next to the figure.
-    """
+    """Wait until the 1-minute load is <= ``threshold``, at most ``max_wait`` s (then measure anyway); return it."""
     deadline = time.monotonic() + max_wait
     while (load := load1()) > threshold and time.monotonic() < deadline:
         if not quiet:
@@ -134,319 +78,189 @@ def median(values) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-# ----------------------------------------------------------------------------- processes
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        # the command name may contain spaces or parentheses: ppid follows the LAST ')'
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
+def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def tree_pids(root: int) -> list[int]:
-    """``root`` and every process descended from it."""
-    children = _children_map()
+    """``root`` and every process descended from it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:  # the command may hold spaces or ')': the parent pid follows the LAST ')'
+                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
     found, todo = [], [root]
     while todo:
-        pid = todo.pop()
-        found.append(pid)
+        found.append(pid := todo.pop())
         todo.extend(children.get(pid, []))
     return found
 
 
-def _rss_pss_kib(pid: int) -> tuple[int, int]:
-    rss = pss = 0
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Rss:"):
-                rss = int(line.split()[1])
-            elif line.startswith("Pss:"):
-                pss = int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return rss, pss
-
-
-class TreeMemory:
-    """Peak memory of a process tree, sampled every ``interval`` seconds in a thread.
-
-    ``peak_rss`` is the peak of the SUM of the processes' resident set sizes (what the brief
-    asks for; it counts pages shared between processes, e.g. torch's libraries or Ray's
-    object store, once per process); ``peak_pss`` is the peak of the sum of proportional set
-    sizes (shared pages split between the processes that map them: closer to the real use).
-    """
-
-    def __init__(self, root: int, interval: float = 0.5):
-        self.root, self.interval = root, interval
-        self.peak_rss = self.peak_pss = 0  # KiB
-        self.peak_processes = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            pids = tree_pids(self.root)
-            rss = pss = 0
-            for pid in pids:
-                r, p = _rss_pss_kib(pid)
-                rss, pss = rss + r, pss + p
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self.peak_processes = max(self.peak_processes, len(pids))
-            self.samples += 1
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "TreeMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_rss_gib(self) -> float:
-        return self.peak_rss / 2**20
-
-    @property
-    def peak_pss_gib(self) -> float:
-        return self.peak_pss / 2**20
-
-
-def kill_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop ``process`` and everything it started: SIGTERM its process group (start it with
-    ``start_new_session=True``) and every descendant found under it, then SIGKILL what lingers."""
-    pids = [p for p in tree_pids(process.pid) if p != os.getpid()]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.2)
-        pids = [p for p in pids if _alive(p)]
-        if not pids and process.poll() is not None:
-            return
-
-
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+    except (OSError, IndexError):
         return False
 
 
+def kill_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop ``process`` (started with ``start_new_session=True``) and every descendant: SIGTERM, then SIGKILL."""
+    pids = [p for p in tree_pids(process.pid) if p != os.getpid()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for kill, target in [(os.killpg, process.pid)] + [(os.kill, pid) for pid in pids]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(target, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (process.poll() is None or any(alive(p) for p in pids)):
+            time.sleep(0.2)
+        if process.poll() is not None and not any(alive(p) for p in pids):
+            return
+
+
 def bench_env(**extra: str) -> dict[str, str]:
-    """The environment for Flower processes: quiet logs and this venv's bin dir first on PATH."""
-    path = os.pathsep.join([str(VENV_PYTHON.parent), os.environ.get("PATH", "")])
+    """The environment for Flower processes: quiet logs and this interpreter's bin dir first on PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return os.environ | QUIET_ENV | {"PATH": path} | extra
 
 
 def command_line() -> str:
-    """The command that ran this script, as a user would type it from the repository root."""
-    script = Path(sys.argv[0]).resolve()
+    """The command that ran this script, as typed from the repository root (without where it wrote)."""
+    args = " ".join(map(shell_quote, sys.argv[1:]))
+    args = re.sub(r" ?--(output-dir|results)[ =]\S+", "", args)
+    return f".venv/bin/python benchmarks/{Path(sys.argv[0]).name} {args}".strip()
+
+
+def shell_quote(arg: str) -> str:
+    """``arg`` for a shell; a run config with single quotes goes in double quotes, if that is safe."""
+    return f'"{arg}"' if "'" in arg and not set(arg) & set('"$`\\!') else shlex.quote(arg)
+
+
+def simulate(num_clients: int, overrides: dict[str, Any], output_dir: Path,
+             on_line: Callable[[float, str], None] | None = None, timeout: float | None = None,
+             memory: bool = False, cpus_per_client: int | None = None) -> dict[str, Any]:
+    """One run through ``fl-dp simulate`` (``python -m fl_dp simulate``), timed from launch to exit; every output
+    line goes to ``<output_dir>.log`` and ``on_line(seconds since launch, line)``. Returns the wall time, exit code,
+    metrics.json rows, summary.json, the load before and after, the command as typed, and with ``memory`` the
+    process tree's peak memory. After ``timeout`` s the tree is stopped."""
+    output_dir = Path(output_dir)
+    extra = ["--cpus-per-client", str(cpus_per_client)] if cpus_per_client else []
+    args = ["simulate", "--num-clients", str(num_clients), *extra, "--run-config", to_flwr(overrides)]
+    log = output_dir.parent / f"{output_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"load_before": load1(), "log": str(log),
+                              "command": " ".join([".venv/bin/fl-dp", *map(shell_quote, args)])}
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "fl_dp", *args, "--output-dir", str(output_dir)], cwd=REPO,
+                               env=bench_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    peak, done = {"Rss:": 0, "Pss:": 0, "processes": 0}, threading.Event()
+
+    def sample_memory() -> None:  # the whole tree every 0.5 s: summed RSS (shared pages once per process), PSS (split)
+        while not done.wait(0.5):
+            pids, sizes = tree_pids(process.pid), {"Rss:": 0, "Pss:": 0}
+            for line in (line for pid in pids for line in _proc(f"{pid}/smaps_rollup")):
+                if line[:4] in sizes:
+                    sizes[line[:4]] += int(line.split()[1])
+            peak.update({k: max(v, len(pids) if k == "processes" else sizes[k]) for k, v in peak.items()})
+
+    watchdog, sampler = threading.Timer(timeout or 1e9, kill_tree, [process]), threading.Thread(target=sample_memory)
+    for thread in [watchdog, sampler] if memory else [watchdog]:
+        thread.start()
     try:
-        script_text = str(script.relative_to(REPO))
-    except ValueError:
-        script_text = str(script)
-    return " ".join([".venv/bin/python", script_text, *map(shlex.quote, sys.argv[1:])])
+        with open(log, "w") as handle:
+            for line in process.stdout:
+                handle.write(f"{(now := time.monotonic() - started):8.2f} {line}")
+                handle.flush()
+                if on_line:
+                    on_line(now, line)
+            process.wait()
+    finally:
+        watchdog.cancel()
+        done.set()
+        if process.poll() is None:
+            kill_tree(process)
+        if memory:
+            sampler.join()
+    wall = time.monotonic() - started
+    metrics = read_json(output_dir / "metrics.json", [])
+    return result | {
+        "wall": wall, "returncode": process.returncode, "timed_out": bool(timeout and wall >= timeout),
+        "metrics": metrics, "round_seconds": [float(row["seconds"]) for row in metrics],
+        "summary": read_json(output_dir / "summary.json", {}), "load_after": load1(),
+        "peak_rss_gib": peak["Rss:"] / 2**20, "peak_pss_gib": peak["Pss:"] / 2**20, "peak_processes": peak["processes"],
+    }
 
 
-# ----------------------------------------------------------------------------- results.md
+def read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
 
 
-def _marker(name: str, end: bool = False) -> str:
-    return f"<!-- {name}:{'end' if end else 'start'} -->"
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-def _skeleton() -> str:
-    parts = [HEADER]
-    for name, title in SECTIONS.items():
-        body = PRIVACY_UTILITY if name == "privacy_utility" else "Not measured yet."
-        parts.append(f"{_marker(name)}\n## {title}\n\n{body}\n{_marker(name, end=True)}\n")
-    return "\n".join(parts)
+def write_section(name: str, body: str | None, notes: str | None = None, path: Path = RESULTS) -> None:
+    """Rewrite section ``name`` of ``path`` (between ``<!-- name:start -->`` and ``<!-- name:end -->``).
 
-
-def _edit_results(edit) -> None:
-    """Rewrite results.md as ``edit(old text)`` under an exclusive lock (benchmarks may run at once)."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a+", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            handle.seek(0)
-            text = edit(handle.read())
-            handle.seek(0)
-            handle.truncate()
-            handle.write(text)
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _with_section(text: str, name: str, body: str) -> str:
-    text = text or _skeleton()
-    # Sections missing from an older file are added in their place (before the next one present).
-    for missing in [n for n in SECTIONS if _marker(n) not in text]:
-        block = f"{_marker(missing)}\n## {SECTIONS[missing]}\n\nNot measured yet.\n{_marker(missing, end=True)}\n"
-        later = [n for n in list(SECTIONS)[list(SECTIONS).index(missing) + 1:] if _marker(n) in text]
-        if later:
-            at = text.index(_marker(later[0]))
-            text = text[:at] + block + "\n" + text[at:]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    start = text.index(_marker(name))
-    end = text.index(_marker(name, end=True)) + len(_marker(name, end=True))
-    return text[:start] + f"{_marker(name)}\n## {SECTIONS[name]}\n\n{body.strip()}\n{_marker(name, end=True)}" + text[end:]
-
-
-def write_section(name: str, body: str) -> None:
-    """Replace section ``name`` of results.md with its heading and ``body`` (others untouched)."""
-    assert name in SECTIONS, name
-    _edit_results(lambda text: _with_section(text, name, body))
-    print(f"Wrote section '{name}' of {RESULTS}", flush=True)
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- profiles
-
-
-def pyspy_summary(raw_path: str | os.PathLike, rate: int, top: int = 6) -> list[dict]:
-    """Summarise a ``py-spy record --subprocesses --format raw`` profile, process by process.
-
-    For each process: its sampled (on-CPU, py-spy's default excludes idle threads) seconds, the
-    seconds spent importing each top-level package (stacks inside a module's top-level code,
-    attributed to the INNERMOST module being executed, so torch's own import counts as torch
-    whoever imports it), and the seconds spent running each package otherwise (the package of
-    the innermost frame).
+    ``body`` replaces what was measured (in results.md after the heading from SECTIONS; elsewhere the
+    body brings its own); ``notes`` replaces the notes block (``<!-- name-notes:start/end -->``: the
+    analysis, written by hand). None keeps the old one: notes survive a re-measurement. A section
+    not in the file yet is appended. The file is locked from the read to the write.
     """
-    processes: dict[str, dict] = {}
-    for line in Path(raw_path).read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        frames = stack.split(";")
-        label = "?"
-        while frames and frames[0].startswith("process "):
-            label = frames.pop(0)  # the innermost process label wins (py-spy nests parents)
-        name = _process_name(label)
-        info = processes.setdefault(name, {"process": name, "samples": 0, "imports": {}, "running": {}, "pids": set()})
-        info["samples"] += int(count)
-        info["pids"].add(label.split(":")[0])
-        imported = None
-        for frame in reversed(frames[1:]):  # frames[0] is the process's own script (or -c string)
-            if frame.startswith("<module> ("):
-                package = _frame_package(frame)
-                if package and package not in ("<string>", "__main__"):
-                    imported = package  # the innermost module being executed: its package's own import cost
-                    break
-        if imported:
-            info["imports"][imported] = info["imports"].get(imported, 0) + int(count)
-        elif frames:
-            package = _frame_package(frames[-1]) or "?"
-            info["running"][package] = info["running"].get(package, 0) + int(count)
-    summary = []
-    for info in sorted(processes.values(), key=lambda i: -i["samples"]):
-        summary.append({
-            "process": info["process"], "count": len(info["pids"]), "seconds": info["samples"] / rate,
-            "import_seconds": sum(info["imports"].values()) / rate,
-            "imports": [(k, v / rate) for k, v in sorted(info["imports"].items(), key=lambda kv: -kv[1])[:top]],
-            "running": [(k, v / rate) for k, v in sorted(info["running"].items(), key=lambda kv: -kv[1])[:top]],
-        })
-    return summary
-
-
-def _process_name(label: str) -> str:
-    """'process 123:"/venv/bin/python3 /venv/bin/flwr-simulation --x"' -> 'flwr-simulation'."""
-    if ":" not in label:
-        return label
-    command = label.split(":", 1)[1].strip('"').split()
-    if not command:
-        return "ray worker (renamed ray::ClientAppActor)"  # Ray rewrites its workers' command line
-    words = [Path(w).name for w in command]
-    if words[0].startswith("python"):
-        rest = words[1:]
-        while rest and rest[0].startswith("-") and rest[0] not in ("-m", "-c"):
-            rest = rest[1:]  # interpreter flags such as -u
-        if not rest:
-            return words[0]
-        if rest[0] == "-m" and len(rest) > 1:
-            return rest[1]
-        if rest[0] == "-c":
-            return "python -c"
-        return "ray worker" if rest[0] == "default_worker.py" else rest[0]
-    return words[0]
-
-
-def _frame_package(frame: str) -> str:
-    """'f (torch/nn/modules/module.py:12)' -> 'torch'; absolute paths keep their last folder."""
-    if "(" not in frame:
-        return ""
-    location = frame.rsplit("(", 1)[1].split(":")[0]
-    if location.startswith("<"):
-        return location
-    parts = Path(location).parts
-    if location.startswith("/"):
-        for marker in ("site-packages", "lib"):
-            if marker in parts:
-                rest = parts[parts.index(marker) + 1:]
-                if marker == "lib" and rest and rest[0].startswith("python"):
-                    return "stdlib:" + (rest[1] if len(rest) > 1 else rest[0]).removesuffix(".py")
-                if rest:
-                    return rest[0].removesuffix(".py")
-        return parts[-2] if len(parts) > 1 else location
-    return parts[0].removesuffix(".py") if len(parts) > 1 else "stdlib:" + parts[0].removesuffix(".py")
-
-
-def pyspy_table(summary: list[dict], min_seconds: float = 0.5) -> str:
-    rows = []
-    for item in summary:
-        if item["seconds"] < min_seconds:
-            continue
-        rows.append([
-            item["process"] + (f" (x{item['count']})" if item["count"] > 1 else ""), f"{item['seconds']:.1f}",
-            f"{item['import_seconds']:.1f}: " + ", ".join(f"{k} {v:.1f}" for k, v in item["imports"]),
-            ", ".join(f"{k} {v:.1f}" for k, v in item["running"]),
-        ])
-    return table(["process", "on-CPU s (sampled)", "importing s: by package (its own module code)", "running s: by innermost package"], rows)
-
-
-def update_notes(name: str, notes: str) -> None:
-    """Replace (or add) the analysis notes at the end of section ``name`` without re-measuring:
-    the block between ``<!-- name-notes:start -->`` and ``<!-- name-notes:end -->``."""
-    start_mark, end_mark = f"<!-- {name}-notes:start -->", f"<!-- {name}-notes:end -->"
-    block = f"{start_mark}\n{notes.strip()}\n{end_mark}"
+    start, end = _markers(name)
+    notes_start, notes_end = _markers(f"{name}-notes")
 
     def edit(text: str) -> str:
-        if start_mark in text:
-            s, e = text.index(start_mark), text.index(end_mark) + len(end_mark)
-            return text[:s] + block + text[e:]
-        end = text.index(_marker(name, end=True))
-        return text[:end].rstrip("\n") + "\n\n" + block + "\n" + text[end:]
+        text = text or ("# Performance benchmarks\n" if path == RESULTS else "")
+        found = start in text and end in text
+        if body is None and not found:
+            raise SystemExit(f"{path} has no section '{name}' to add notes to")
+        old = text[text.index(start) + len(start):text.index(end)] if found else ""
+        old_notes = old[old.index(notes_start):old.index(notes_end) + len(notes_end)] if notes_end in old else ""
+        heading = f"## {SECTIONS[name]}\n\n" if path == RESULTS and name in SECTIONS else ""
+        new = heading + body.strip() if body is not None else old.replace(old_notes, "").strip()
+        block = f"{notes_start}\n{notes.strip()}\n{notes_end}" if notes is not None else old_notes
+        section = f"{start}\n{new}\n" + (f"\n{block}\n" if block else "") + end
+        if found:
+            return text[:text.index(start)] + section + text[text.index(end) + len(end):]
+        return text.rstrip("\n") + "\n\n" + section + "\n"
 
-    _edit_results(edit)
-    print(f"Updated the notes of section '{name}' in {RESULTS}", flush=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        handle.seek(0)
+        text = edit(handle.read())
+        handle.seek(0)
+        handle.truncate()
+        handle.write(text)
+    print(f"Wrote {'section' if body is not None else 'the notes of section'} '{name}' of {path}", flush=True)
+
+
+def results_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every results.md script takes: the load to wait for, notes, and not writing."""
+    parser.add_argument("--max-load", type=float, default=2.5, help="wait for a 1-minute load below this")
+    parser.add_argument("--max-wait", type=float, default=600.0, help="...but at most this many seconds")
+    parser.add_argument("--notes-only", metavar="FILE", help="replace the section's notes with FILE; measure nothing")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave results.md alone")
+
+
+def notes_only(name: str, args: argparse.Namespace) -> bool:
+    """With --notes-only FILE: replace the section's notes with FILE and say so (the script then stops)."""
+    if args.notes_only:
+        write_section(name, None, Path(args.notes_only).read_text())
+    return bool(args.notes_only)
+
+
+def publish(name: str, body: str, args: argparse.Namespace) -> None:
+    """Print the section and (unless --no-write) write it; its notes stay."""
+    print(body)
+    if not args.no_write:
+        write_section(name, body)
