@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+
 from common.privacy.secret_random import SecretRandom  # noqa: E402
 
 SIZES = (10_000, 1_000_000)

@@ -34,9 +34,10 @@ DPSGD = ("dp='dpsgd' num-server-rounds={rounds} local-epochs=1 batch-size=16 lea
 
 
 def server_run(out: Path, real: int, canaries: int, rounds: int, z: float, debug: bool = False) -> dict:
+    from inprocess import run_inprocess
+
     from client_app.canary import AUDIT_KEY_ENV
     from fl_dp.audit import analyse, write_audit
-    from inprocess import run_inprocess
 
     key = os.urandom(32)
     os.environ[AUDIT_KEY_ENV] = key.hex()

@@ -16,8 +16,8 @@ import math
 import numpy as np
 
 from common.config import RunConfig
-from common.privacy.secret_random import SecretRandom
 from common.privacy.clipping import Arrays, apply_delta, clip_update, model_delta
+from common.privacy.secret_random import SecretRandom
 
 # common.privacy.local_dp pulls in dp-accounting and scipy (~0.7 s): imported only in local mode,
 # since every deployment message starts a fresh process.

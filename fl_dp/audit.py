@@ -95,10 +95,10 @@ def _regenerated_noise(config, summary: dict, models: list[dict], names: list[st
     code; None when the run's draws cannot be replayed (adaptive clipping also draws count noise;
     a server optimiser's step is not the aggregate itself).
     """
+    from client_app.privacy_store import client_identity
     from common.config import NodeConfig
     from common.privacy.clipping import gaussian_noise_like
     from common.privacy.secret_random import SecretRandom
-    from client_app.privacy_store import client_identity
     from server_app.privacy import expected_clients_per_round
     from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler
 

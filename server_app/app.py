@@ -9,11 +9,11 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
-from common.logs import keep_root_logger_quiet
 from common.data.client_data import central_test_set
 from common.data.datasets import Dataset
 from common.data.scaling import FeatureScaling
 from common.evaluation import Evaluation, evaluate_in_detail
+from common.logs import keep_root_logger_quiet
 from common.models import build_model
 from server_app import linkstate_index
 from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

@@ -17,11 +17,13 @@ from typing import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.logger import log
 from flwr.common import MessageType
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common.data.scaling import FeatureScaling
+from common.evaluation import Evaluation
 from common.privacy.clipping import arrays_from_record, record_from_arrays
 from common.protocol import (
     CLIENT_ID,
@@ -37,13 +39,11 @@ from common.protocol import (
     UNCLIPPED,
     RoundInstructions,
 )
-from common.data.scaling import FeatureScaling
-from common.evaluation import Evaluation
+from server_app import run_state
 from server_app.diagnostics import Diagnostics
 from server_app.health import RunHealth
 from server_app.messaging import send_and_receive
 from server_app.privacy import PrivacyPlan
-from server_app import run_state
 from server_app.progress import Progress
 from server_app.results import RunRecorder
 from server_app.sampling import ClientSampler, OfferedNodes

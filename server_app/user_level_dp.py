@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.privacy.adaptive_clipping import AdaptiveClipping, effective_noise_multiplier
-from common.privacy.secret_random import SecretRandom
 from common.privacy.clipping import (
     Arrays,
     apply_delta,
@@ -48,6 +47,7 @@ from common.privacy.clipping import (
     model_delta,
     update_norm,
 )
+from common.privacy.secret_random import SecretRandom
 
 # Client-side clipping is checked with this slack for float32 round-off.
 CLIP_TOLERANCE = 1e-4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flower_messages import task_identity
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 
@@ -9,7 +10,6 @@ from client_app.app import app as client_app
 from common.config import RunConfig
 from common.models import build_model
 from common.protocol import RoundInstructions
-from flower_messages import task_identity
 
 
 def make_context(run_config: dict, node_config: dict, node_id: int = 7) -> Context:

@@ -46,13 +46,12 @@ from logging import ERROR
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from flower_messages import SERVER_NODE_ID, task_identity
 from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.common.config import get_fused_config_from_dir
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-
-from flower_messages import SERVER_NODE_ID, task_identity
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

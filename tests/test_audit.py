@@ -16,10 +16,10 @@ import stat
 
 import numpy as np
 import pytest
+from inprocess import run_inprocess
 
 from client_app.canary import AUDIT_KEY_ENV, HELD_OUT
 from common.privacy import audit
-from inprocess import run_inprocess
 
 KEY = bytes(range(32))  # the auditor's key: fixed here so every run inserts the same canaries
 FAST = {"local-epochs": 1, "val-fraction": 0.0, "fraction-evaluate": 0.0, "seed": 7}

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg
+from inprocess import run_inprocess
 
 from common.config import RunConfig
 from common.privacy.secret_random import SecretRandom
-from inprocess import run_inprocess
 from server_app import checkpoint as checkpoint_module
 from server_app.checkpoint import CHECKPOINT_FILE, SECRET_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from server_app.checkpoint_convert import convert

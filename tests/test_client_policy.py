@@ -3,6 +3,8 @@ asks, it answers no evaluation with exact statistics, and its noise is on a floa
 
 import numpy as np
 import pytest
+from client_calls import make_context, train_once
+from flower_messages import task_identity
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common import MessageType
 
@@ -12,8 +14,6 @@ from common.models import build_model
 from common.privacy.local_dp import LocalDpLedger
 from common.privacy.secret_random import SecretRandom
 from common.protocol import EVAL_ACCURACY, EVAL_LOSS, LOCAL_EPSILON, NUM_EXAMPLES, REFUSED, RoundInstructions
-from client_calls import make_context, train_once
-from flower_messages import task_identity
 
 NODE = {"partition-id": 0, "num-partitions": 10}
 LOCAL = {"dp": "local", "noise-multiplier": 2.0, "clipping-norm": 0.1}

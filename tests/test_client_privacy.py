@@ -3,6 +3,7 @@ client clipping and local DP."""
 
 import numpy as np
 import pytest
+from client_calls import make_context, train_once
 from flwr.app import ArrayRecord, Context, RecordDict
 
 from client_app.privacy_store import PrivacyStore, client_identity
@@ -10,7 +11,6 @@ from common.config import NodeConfig, RunConfig
 from common.models import build_model
 from common.privacy.clipping import arrays_from_record, model_delta, update_norm
 from common.protocol import LOCAL_EPSILON, REFUSED, SAMPLE_EPSILON, UNCLIPPED
-from client_calls import make_context, train_once
 
 DPSGD = {"dp": "dpsgd", "noise-multiplier": 1.0, "clipping-norm": 1.0, "local-epochs": 1}
 NODE = {"partition-id": 0, "num-partitions": 10}

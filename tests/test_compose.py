@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "scripts" / "deploy"
-from fl_dp import flwr_cli  # noqa: E402
 from operator_files import round_counts  # noqa: E402
+
+from fl_dp import flwr_cli  # noqa: E402
 
 IMAGE_UID = 49999  # the image's user (docker/Dockerfile)
 LOCAL_BASE = "fl-dp/bookworm-minbase:latest"

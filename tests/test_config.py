@@ -1,9 +1,9 @@
 """The run config is validated at start: every error names the key, the bad value and what is valid."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from common.config import ConfigError, NodeConfig, RunConfig
 from common.names import DATASETS, MODELS, PARTITIONERS, STRATEGIES

@@ -24,8 +24,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "scripts" / "deploy"
-from fl_dp import flwr_cli  # noqa: E402
 from operator_files import round_counts  # noqa: E402
+
+from fl_dp import flwr_cli  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

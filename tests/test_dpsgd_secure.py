@@ -20,11 +20,11 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+import opacus.accountants.utils
+import opacus.optimizers.optimizer
 import pytest
 import torch
 
-import opacus.accountants.utils
-import opacus.optimizers.optimizer
 from client_app.dpsgd import _accountant, noise_for, poisson_loader, sampling_per_epoch, train_dpsgd
 from common.config import RunConfig
 from common.models import build_model

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from inprocess import run_inprocess
 
 from common.data.partitioning import central_split
-from inprocess import run_inprocess
 from server_app.health import RunHealth
 
 SCALES = 10.0 ** np.arange(-2, 5)  # columns from 0.01 to 10,000: about 10^4 apart and more

@@ -30,7 +30,6 @@ from flwr.supercore.differential_privacy import (
 )
 
 from common.privacy.adaptive_clipping import AdaptiveClipping, effective_noise_multiplier
-from common.privacy.secret_random import SecretRandom
 from common.privacy.clipping import (
     apply_delta,
     arrays_from_record,
@@ -41,6 +40,7 @@ from common.privacy.clipping import (
     record_from_arrays,
     update_norm,
 )
+from common.privacy.secret_random import SecretRandom
 from tests.flower_messages import array_record, train_reply, train_round
 
 UPSTREAM_CHANGED = (

@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
+from inprocess import run_inprocess
 
 from common.models import build_model
-from inprocess import run_inprocess
 
 CHANCE = 0.1  # ten balanced digit classes
 

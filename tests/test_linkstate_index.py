@@ -16,6 +16,7 @@ import time
 from queue import Empty, Queue
 
 import pytest
+from flower_messages import task_identity
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
 from flwr.server.superlink.fleet.vce import vce_api
@@ -28,7 +29,6 @@ from flwr.supercore.run import Run
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from flower_messages import task_identity
 from server_app import linkstate_index
 
 NUM_NODES = 40

@@ -4,11 +4,11 @@ Time is simulated (a fake clock whose ``sleep`` advances it), so nothing here de
 """
 
 import pytest
+from flower_messages import task_identity
 from flwr.app import Message, RecordDict
 from flwr.common import MessageType
 
 import server_app.messaging as messaging
-from flower_messages import task_identity
 
 
 class FakeClock:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
-
 import dp_accounting
+import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib

@@ -30,8 +30,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from client_calls import make_context
+from flower_messages import task_identity
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common import MessageType
+from inprocess import run_inprocess
 
 from client_app.app import app as client_app
 from client_app.privacy_store import client_identity
@@ -39,9 +42,6 @@ from common.config import NodeConfig, RunConfig
 from common.data.client_data import central_test_set
 from common.models import build_model
 from common.protocol import LOCAL_EPSILON, REFUSED, RoundInstructions
-from client_calls import make_context
-from flower_messages import task_identity
-from inprocess import run_inprocess
 
 SEED = 42
 COUNT_KEYS = ("num_replies", "num_failures", "num_refused", "num_invalid", "num_clipped", "num_rejected")

@@ -9,14 +9,14 @@ import json
 import logging
 from pathlib import Path
 
+import inprocess
 import numpy as np
 import pytest
 import torch
 from flwr.common.constant import SUPERLINK_NODE_ID
-
-import inprocess
-from common.config import ConfigError
 from inprocess import run_inprocess
+
+from common.config import ConfigError
 from server_app.checkpoint import load_checkpoint
 from server_app.federation import RoundFailed
 

@@ -13,10 +13,10 @@ import pytest
 from common.config import RunConfig
 from common.privacy.secret_random import SecretRandom
 from server_app.checkpoint import CHECKPOINT_FILE, SECRET_FILE, Checkpoint, load_checkpoint, save_checkpoint
-from server_app.run_state import privacy_from_plain, privacy_to_plain
 from server_app.diagnostics import DIAGNOSTICS_FILE, Diagnostics
 from server_app.federation import Federation, WaitTimeout
 from server_app.privacy import plan_privacy
+from server_app.run_state import privacy_from_plain, privacy_to_plain
 
 
 def _mode(path) -> int:

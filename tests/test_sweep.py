@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+
 def _load_sweep():
     from fl_dp import sweep
 

@@ -9,11 +9,11 @@ from functools import lru_cache
 import numpy as np
 
 from common.config import NodeConfig, RunConfig
+from common.data.cache import cached_arrays
 from common.data.datasets import Dataset, load_dataset, load_file
 from common.data.files import DataFileError, load_table
-from common.data.cache import cached_arrays
-from common.data.scaling import FeatureScaling
 from common.data.partitioning import central_split, local_split, partition_table
+from common.data.scaling import FeatureScaling
 
 
 @dataclass(frozen=True)
