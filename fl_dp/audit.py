@@ -299,10 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fl-dp audit", description=__doc__, formatter_class=HelpFormatter, epilog=outcome.__doc__
     )
-    parser.add_argument("--num-clients", type=int, default=10, help="real simulated clients (canary clients come on top)")
-    parser.add_argument("--run-config", default="", help='overrides, e.g. "dp=\'server\' noise-multiplier=1.0"')
-    parser.add_argument("--output-dir", default="", help="results directory (default: ./outputs/run-<time>)")
-    parser.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray reserves per simulated client")
+    simulate.add_run_options(parser, "real simulated clients (canary clients come on top)",
+                             "dp='server' noise-multiplier=1.0")
     parser.add_argument("--canaries", type=int, default=0,
                         help=f"canaries (default: audit-canaries from --run-config, else {DEFAULT_CANARIES})")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound")

@@ -140,14 +140,19 @@ def plan_run(run_config: str, output_dir: str, num_clients: int) -> tuple[Path, 
     return chosen, to_flwr(overrides)
 
 
+def add_run_options(parser: argparse.ArgumentParser, clients: str, example: str) -> None:
+    """The options every command that runs a simulated federation shares (simulate, audit)."""
+    parser.add_argument("--num-clients", type=int, default=10, help=clients)
+    parser.add_argument("--run-config", default="", help=f'overrides, e.g. "{example}"')
+    parser.add_argument("--output-dir", default="", help="results directory (default: ./outputs/run-<time>)")
+    parser.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray reserves per simulated client")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fl-dp simulate", description=__doc__, formatter_class=HelpFormatter, epilog=outcome.__doc__
     )
-    parser.add_argument("--num-clients", type=int, default=10, help="simulated clients (SuperNodes)")
-    parser.add_argument("--run-config", default="", help='overrides, e.g. "strategy=\'fedprox\' num-server-rounds=3"')
-    parser.add_argument("--output-dir", default="", help="results directory (default: ./outputs/run-<time>)")
-    parser.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray reserves per simulated client")
+    add_run_options(parser, "simulated clients (SuperNodes)", "strategy='fedprox' num-server-rounds=3")
     args = parser.parse_args(argv)
 
     try:
