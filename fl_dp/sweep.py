@@ -60,6 +60,7 @@ COLUMNS = [
     "target_epsilon",
     "epsilon_reached",
     "epsilon_level",
+    "epsilon_lower_bound",
     "delta",
     "noise_multiplier",
     "final_central_accuracy",
@@ -177,6 +178,8 @@ def result_row(run: dict[str, Any], run_dir: Path, log: Path, returncode: int, w
         "accountant": summary.get("accountant", last.get("accountant")),
         "sampling": summary.get("sampling", last.get("sampling")),
         "stop_reason": summary.get("stop_reason"),
+        # fl-dp audit (--audit): the measured lower bound on epsilon, beside the ledger's epsilon_reached
+        "epsilon_lower_bound": (read_json(run_dir / "audit.json") or {}).get("epsilon_lower_bound"),
         "run_config": run_config_text(run["config"]),
         "run_dir": str(run_dir),
         "log": str(log),
@@ -211,6 +214,10 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         ax.plot(xs, [r["final_central_accuracy"] for r in private], marker="o", label="final central accuracy")
         ax.plot(xs, [r["best_central_accuracy"] for r in private], marker="^", linestyle=":", alpha=0.6,
                 label="best central accuracy")
+        audited = [r for r in private if r.get("epsilon_lower_bound")]
+        if audited:  # the audit's lower bound sits left of the ledger's epsilon when the mechanism is sound
+            ax.scatter([r["epsilon_lower_bound"] for r in audited], [r["final_central_accuracy"] for r in audited],
+                       marker="<", color="tab:red", label="measured lower bound (fl-dp audit)", zorder=3)
         for r in private:
             label = f"target {r['target_epsilon']:g}" + ("" if r["status"] == "ok" else " (failed)")
             ax.annotate(label, (r["epsilon_reached"], r["final_central_accuracy"]), textcoords="offset points",
@@ -246,7 +253,8 @@ def run_one(run: dict[str, Any], args: argparse.Namespace, output_dir: Path, pre
     run_dir = output_dir / "runs" / run["name"]
     log = output_dir / "logs" / f"{run['name']}.log"
     command = [
-        sys.executable, "-m", "fl_dp", "simulate",
+        # --audit: the private runs go through fl-dp audit (the same run, with canaries) for a lower bound.
+        sys.executable, "-m", "fl_dp", "audit" if args.audit and run["dp"] != "none" else "simulate",
         "--num-clients", str(args.num_clients),
         "--cpus-per-client", str(args.cpus_per_client),
         "--output-dir", str(run_dir),
@@ -278,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="", help="sweep directory (default ./outputs/sweep-<time>)")
     parser.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray reserves per simulated client")
     parser.add_argument("--no-nonprivate", action="store_true", help="skip the non-private reference run")
+    parser.add_argument("--audit", action="store_true",
+                        help="run each private run through fl-dp audit: adds epsilon_lower_bound to sweep.csv and the plot")
     args = parser.parse_args(argv)
     if not args.epsilons:
         parser.error("--epsilons: give at least one target epsilon")

@@ -102,3 +102,33 @@ def test_run_configs_per_run():
     assert parse_config_args([sweep.run_config_text(runs[2]["config"])]) == runs[2]["config"]
     with pytest.raises(SystemExit, match="must not set dp"):
         sweep.parse_run_config("dp='server'")
+
+
+def test_an_audited_sweep_runs_fl_dp_audit_and_reports_the_lower_bound(tmp_path, monkeypatch):
+    """With --audit every private run goes through `fl-dp audit`; its audit.json's lower bound
+    lands in sweep.csv beside the ledger's epsilon, and on the plot."""
+    sweep = _load_sweep()
+    commands = []
+
+    class Finished:
+        def __init__(self, command, **kwargs):
+            commands.append(command)
+            run_dir = Path(command[command.index("--output-dir") + 1])
+            run_dir.mkdir(parents=True)
+            private = "audit" in command
+            (run_dir / "summary.json").write_text(json.dumps(
+                {"final_central_accuracy": 0.8, "best_central_accuracy": 0.8, "rounds": 2, "delta": 1e-5,
+                 "epsilon": 2.9 if private else None, "sample_epsilon_max": None}))
+            if private:
+                (run_dir / "audit.json").write_text(json.dumps({"epsilon_lower_bound": 0.4}))
+            self.stdout = iter(["round 2/2\n"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Finished)
+    assert sweep.main(["--dp", "server", "--epsilons", "3", "--audit", "--output-dir", str(tmp_path)]) == 0
+    assert [c[3] for c in commands] == ["simulate", "audit"]  # python -m fl_dp <command>
+    rows = _rows(tmp_path / "sweep.csv")
+    assert rows[0]["epsilon_lower_bound"] == "" and float(rows[1]["epsilon_lower_bound"]) == 0.4
+    assert float(rows[1]["epsilon_reached"]) == 2.9 and (tmp_path / "privacy_utility.png").exists()
