@@ -1,3 +1,4 @@
+import gc
 import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -8,11 +9,29 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest
 
 
+@pytest.fixture(scope="module")
+def frozen_heap():
+    """Keep what is already loaded (torch, Flower, the apps, pytest) out of full garbage collections
+    while a module runs federations in this process. Flower's ``ArrayRecord.to_numpy_ndarrays(
+    keep_input=False)`` calls ``gc.collect()`` for every reply (Bulyan, QFedAvg), and each walk of this
+    heap takes ~0.2-0.5 s: seconds per round in process. ``gc.freeze`` changes which objects a
+    collection visits, not what the apps compute."""
+    import torch  # noqa: F401 - loaded before the freeze, so it is frozen too
+
+    import client_app.app  # noqa: F401
+    import server_app.app  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture(scope="session")
 def federation_run(tmp_path_factory):
-    """Run a federation on the real simulation runtime once per distinct config;
-    tests that need the same run (e.g. a strategy's clean baseline) share it."""
-    from simulation import run_app
+    """Run a federation in process (tests/inprocess.py) once per distinct config; tests that need
+    the same run (e.g. a strategy's clean baseline) share it."""
+    from inprocess import run_inprocess
 
     done: dict[tuple, object] = {}
 
@@ -21,7 +40,7 @@ def federation_run(tmp_path_factory):
         key = (num_clients, *sorted(overrides.items()))
         if key not in done:
             out = tmp_path_factory.mktemp("federation")
-            done[key] = run_app({"output-dir": str(out)} | overrides, num_clients=num_clients)
+            done[key] = run_inprocess({"output-dir": str(out)} | overrides, num_clients=num_clients)
         return done[key]
 
     return run

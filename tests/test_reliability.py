@@ -1,6 +1,6 @@
 """Faults and attacks: a killed server resumes to the same result, missing clients end the run
-within the wait limit with results saved, malformed updates are rejected, and robust
-strategies hold against Byzantine clients."""
+within the wait limit with results saved, malformed updates are rejected (robust strategies
+against Byzantine clients: tests/test_byzantine.py)."""
 
 import json
 import os
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flower_messages import task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from inprocess import run_inprocess
+from simulation import read_results
 
 from common.models import build_model
-from flower_messages import task_identity
 from server_app.update_validation import reply_problem
-from simulation import read_results, run_app
 
 SIMULATE = Path(__file__).resolve().parent.parent / "scripts" / "simulate.py"
 # A debug key makes two runs draw the same secret stream, so a resumed run can be compared with an
@@ -90,8 +91,8 @@ def test_killed_server_resumes_to_the_same_history_and_epsilon(tmp_path):
 def test_missing_clients_end_the_run_within_the_wait_limit_with_results_saved(tmp_path):
     started = time.monotonic()
     overrides = {"output-dir": str(tmp_path), "num-server-rounds": 3, "min-available-clients": 5, "wait-timeout": 3.0}
-    metrics, summary = read_results(run_app(overrides, num_clients=3))
-    assert time.monotonic() - started < 120
+    metrics, summary = read_results(run_inprocess(overrides, num_clients=3))
+    assert time.monotonic() - started < 3.0 + 30  # the wait limit, plus loading the apps on a busy machine
     assert summary["rounds"] == 0 and "wait-timeout = 3s" in summary["stop_reason"]
     assert (tmp_path / "model.pt").exists() and (tmp_path / "config.json").exists()
 
@@ -125,29 +126,6 @@ def test_each_kind_of_malformed_reply_is_named(kind):
     expected = {"missing array": "missing", "extra array": "extra", "wrong shape": "expected",
                 "wrong dtype": "float64", "NaN": "NaN or Inf", "Inf": "NaN or Inf"}[kind]
     assert problem is not None and expected in problem
-
-
-# 2 of 11 clients send sign-flipped updates scaled 10x (Bulyan needs n >= 4f + 3 = 11 for f = 2).
-ATTACK = {"attack": "sign-flip", "malicious-clients": 2, "attack-scale": 10.0}
-ATTACK_RUN = {"num_clients": 11, "num-server-rounds": 8, "num-malicious-nodes": 2}
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
-def test_robust_strategies_hold_against_byzantine_clients(federation_run, strategy):
-    _, clean = read_results(federation_run(strategy=strategy, **ATTACK_RUN))
-    _, attacked = read_results(federation_run(strategy=strategy, **ATTACK_RUN, **ATTACK))
-    # One seed: the measured drops are 0-3.1 points (fedmedian 0.964 -> 0.933 here); FedAvg loses ~85.
-    assert attacked["final_central_accuracy"] >= clean["final_central_accuracy"] - 0.05, (clean, attacked)
-
-
-@pytest.mark.e2e
-def test_fedavg_fails_under_the_same_attack(federation_run):
-    _, clean = read_results(federation_run(strategy="fedavg", **ATTACK_RUN))
-    _, attacked = read_results(federation_run(strategy="fedavg", **ATTACK_RUN, **ATTACK))
-    assert clean["final_central_accuracy"] > 0.8 and attacked["final_central_accuracy"] < 0.3, (clean, attacked)
-    # It either ends with a useless model or stops when its aggregate is no longer finite.
-    assert attacked["rounds"] == 8 or "stopped before finishing round" in attacked["stop_reason"], attacked
 
 
 def test_robust_strategies_refuse_too_few_clients_for_their_f():
