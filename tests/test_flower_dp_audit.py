@@ -46,7 +46,7 @@ from tests.flower_messages import array_record, train_reply, train_round
 UPSTREAM_CHANGED = (
     "Flower's behaviour differs from what flwr 1.41.0 did when this audit was written "
     "(tests/test_flower_dp_audit.py). It looks FIXED or changed upstream: re-check the finding, "
-    "then update common/privacy/ and /work/shared/notes/flower-1.41.md accordingly. Detail: "
+    "then update common/privacy/ and the README's notes on Flower's DP wrappers accordingly. Detail: "
 )
 
 SHAPES = {"w": (6, 5), "b": (5,)}

@@ -1,7 +1,7 @@
 """Tests for common/privacy: ledgers against independent computations and reference values.
 
-Offline, no Flower runtime. Reference values come from ../shared/notes/dp-facts.md (computed
-with dp-accounting 0.6); independent computations use Opacus's RDP accountant, Flower 1.41's
+Offline, no Flower runtime. Reference values are dp-accounting 0.6's own figures for the
+settings below (RDP and PLD, delta 1e-5), recorded here; independent computations use Opacus's RDP accountant, Flower 1.41's
 RdpAccountant, dp_accounting's lower-level PLD/RDP functions and the analytic Gaussian
 mechanism (Balle & Wang 2018).
 """
