@@ -148,7 +148,7 @@ def _train_dpsgd(msg, context, config, node, instructions, data, model) -> Messa
     saved = store.load() or {"updates": 0, "history": []}
     rng = client_rng(node.policy, instructions.server_round)
     cap = epsilon_cap(config, node.policy)
-    result, history = train_dpsgd(model, data.x_train, data.y_train, config, saved["history"], rng, cap)
+    result, history = train_dpsgd(model, data.x_train, data.y_train, config, saved["history"], rng, cap, sigma)
     metrics = {NUM_EXAMPLES: 1, SAMPLE_EPSILON: result.epsilon, NOISE_MULTIPLIER: result.noise_multiplier}
     if result.refused:
         return _refuse(msg, result.refused, metrics)

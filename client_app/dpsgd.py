@@ -151,15 +151,17 @@ def train_dpsgd(
     history: list,
     rng: SecretRandom,
     max_epsilon: float,
+    sigma: float | None = None,
 ) -> tuple[DPSGDResult, list]:
     """Train ``model`` in place with DP-SGD; return the result and the extended accountant history.
 
-    ``rng`` draws the batches and the noise; ``max_epsilon`` is the budget cap (0: none).
+    ``rng`` draws the batches and the noise; ``max_epsilon`` is the budget cap (0: none);
+    ``sigma`` is :func:`noise_for`'s answer when the caller has it already (solving takes seconds).
     """
     from opacus import PrivacyEngine
 
     logging.getLogger("flwr").propagate = False  # opacus calls logging.basicConfig on import
-    sigma = noise_for(config, len(y))
+    sigma = noise_for(config, len(y)) if sigma is None else sigma
     sample_rate, batches = sampling_per_epoch(len(y), config.batch_size)
     steps = config.local_epochs * batches
     if max_epsilon:
