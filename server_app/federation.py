@@ -1,10 +1,11 @@
-"""The round loop, driven by hand so each round can be sampled, privatised, checked and recorded.
+"""The round loop, driven by hand so each round can be sampled, checked and recorded.
 
 Flower's ``Strategy.start`` runs all rounds in one call; here the same strategy methods
 (``configure_train``/``aggregate_train``/``configure_evaluate``/``aggregate_evaluate``) are
-called round by round, with our seeded sampling, the DP aggregation in front of the
-strategy's server step, the privacy ledger and budget stop, a failure check, central
-evaluation, a progress line and the results written after every round.
+called round by round, with the privacy plan's sampling, the budget stop, a failure check,
+central evaluation, a progress line and the results written after every round. User-level DP
+is not the loop's business: it is in the strategy (``server_app.dp_strategy``), which the
+privacy plan wraps around the configured one.
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ from common.protocol import (
     REFUSED,
     SAMPLE_EPSILON,
     TRAIN_LOSS,
-    UNCLIPPED,
     RoundInstructions,
 )
 from server_app import run_state
 from server_app.diagnostics import Diagnostics
+from server_app.dp_strategy import DP_CLIPPING_NORM, DP_NUM_CLIPPED, DP_NUM_REJECTED
 from server_app.health import RunHealth
 from server_app.messaging import send_and_receive
 from server_app.privacy import PrivacyPlan
 from server_app.progress import Progress
 from server_app.results import RunRecorder
-from server_app.sampling import ClientSampler, OfferedNodes
+from server_app.sampling import ClientSampler, offered
+from server_app.status import say
 from server_app.update_validation import reply_problem
 
 REPLY_TIMEOUT = 3600.0
@@ -92,22 +94,49 @@ class PrivacyTally:
     debug_clients: bool = False  # a dpsgd/local client drew its noise from a debug key: no guarantee
 
     def collect(self, usable: list[Message]) -> None:
-        if any(m.content["metrics"].get(DEBUG_NOISE, 0) for m in usable):
+        if any(_reported(m, DEBUG_NOISE) for m in usable):
             self.debug_clients = True
         for key, attr in ((SAMPLE_EPSILON, "sample_epsilon_max"), (LOCAL_EPSILON, "local_epsilon_max")):
-            values = [float(m.content["metrics"][key]) for m in usable if key in m.content["metrics"]]
+            values = [value for m in usable if (value := _reported(m, key)) is not None]
             previous = getattr(self, attr)
             if values:
                 setattr(self, attr, max(values + ([previous] if previous is not None else [])))
-        noises = [float(m.content["metrics"][NOISE_MULTIPLIER]) for m in usable if NOISE_MULTIPLIER in m.content["metrics"]]
+        noises = [value for m in usable if (value := _reported(m, NOISE_MULTIPLIER)) is not None]
         if noises:
             self.reported_noise = min(noises)
 
 
+def _reported(reply: Message, key: str) -> float | None:
+    """A number a client reported in its reply's metrics (None when it did not)."""
+    value = reply.content.metric_records["metrics"].get(key) if "metrics" in reply.content.metric_records else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def wait_for_clients(grid: Grid, needed: int, why: str, timeout: float) -> list[int]:
+    """Connected node ids once at least ``needed`` are there; ``timeout`` seconds at most (0: forever).
+
+    Polls quickly first (a federation that is already up answers at once) and then once a second.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    while len(nodes := list(grid.get_node_ids())) < needed:
+        if timeout and time.monotonic() > deadline:
+            raise WaitTimeout(
+                f"only {len(nodes)} of the {needed} required clients ({why}) connected within wait-timeout = {timeout:g}s"
+            )
+        log(INFO, "Waiting for clients: %d connected, %d needed (%s)", len(nodes), needed, why)
+        time.sleep(pause)
+        pause = min(2 * pause, 1.0)
+    return nodes
+
+
 @dataclass
 class Federation:
+    """The round loop's parts, each complete when the federation is built (after the clients
+    connected and the privacy plan was made, or restored from a checkpoint)."""
+
     grid: Grid
-    strategy: Strategy
+    strategy: Strategy  # in user-level DP modes wrapped by server_app.dp_strategy.UserLevelDPStrategy
     privacy: PrivacyPlan
     eval_sampler: ClientSampler
     recorder: RunRecorder
@@ -117,14 +146,13 @@ class Federation:
     num_classes: int
     min_available_clients: int
     federated_evaluation: bool
+    tally: PrivacyTally
+    health: RunHealth
     max_epsilon: float = 0.0
     wait_timeout: float = 0.0  # seconds; 0 waits forever (Flower's own behaviour)
-    on_round_end: Callable[[int, ArrayRecord], None] | None = None  # e.g. save a checkpoint
-    tally: PrivacyTally = field(default_factory=PrivacyTally)
     identify_clients: bool = True
     identities: dict[int, str] = field(default_factory=dict)  # node id -> client identity
     scaling: FeatureScaling | None = None  # users' tables: sent to clients with every instruction
-    health: RunHealth | None = None  # divergence and collapse warnings
     stopped: Stop | None = None  # how run() ended
     round_counts: dict | None = None  # the exact counts of the round in flight
     _sent: dict[str, int] = field(default_factory=dict)  # message id -> the node it was sent to
@@ -151,21 +179,11 @@ class Federation:
         the ledger was opened for: m of fewer than N clients is a higher rate than the m/N the
         epsilon is accounted with, so the server waits (or stops) rather than under-report.
         """
-        population = self.privacy.population if self.privacy is not None else 0
-        needed = max(self.min_available_clients, population)
+        needed = max(self.min_available_clients, self.privacy.population)
         why = "min-available-clients" if needed == self.min_available_clients else (
             "fixed DP sampling is accounted as m of all N clients; use sampling='poisson' to tolerate dropouts"
         )
-        deadline = time.monotonic() + self.wait_timeout
-        while len(nodes := list(self.grid.get_node_ids())) < needed:
-            if self.wait_timeout and time.monotonic() > deadline:
-                raise WaitTimeout(
-                    f"only {len(nodes)} of the {needed} required clients ({why}) connected within "
-                    f"wait-timeout = {self.wait_timeout:g}s"
-                )
-            log(INFO, "Waiting for clients: %d connected, %d needed (%s)", len(nodes), needed, why)
-            time.sleep(1.0)
-        return nodes
+        return wait_for_clients(self.grid, needed, why, self.wait_timeout)
 
     def state(self, num_clients: int) -> tuple[dict, dict]:
         """What a checkpoint must hold to continue exactly where this federation is: plain JSON values
@@ -174,29 +192,17 @@ class Federation:
             self.strategy, self.privacy, self.eval_sampler, self.tally, self.identities, num_clients
         )
 
-    def restore(self, plain: dict, arrays: dict, config, model: dict, secret) -> int:
-        """Continue from a checkpoint's state, each part checked before it is used (shapes against
-        ``model``); ``secret`` is the generator from secret_state.json. Returns the number of clients."""
-        run_state.check_federation(plain)
-        run_state.restore_strategy(self.strategy, plain["strategy"], arrays, model)
-        self.privacy = run_state.privacy_from_plain(plain["privacy"], config, secret)
-        run_state.restore_eval_sampler(self.eval_sampler, plain["eval_rng"])
-        run_state.restore_tally(self.tally, plain["tally"])
-        self.identities = run_state.identities_from_plain(plain["identities"])
-        return plain["num_clients"]
+    def _instructions(self, server_round: int) -> ConfigRecord:
+        # The DP wrapper adds the round's clip norm to the train instructions (client-side clipping).
+        return RoundInstructions(server_round, self.num_features, self.num_classes, scaling=self.scaling).to_record()
 
-    def _instructions(self, server_round: int):
-        dp = self.privacy.aggregator
-        clip = dp.clipping_norm if dp is not None else 0.0
-        return RoundInstructions(
-            server_round, self.num_features, self.num_classes, clipping_norm=clip, scaling=self.scaling
-        ).to_record()
-
-    def run(self, arrays: ArrayRecord, num_rounds: int, first_round: int = 1) -> tuple[ArrayRecord, str]:
+    def run(self, arrays: ArrayRecord, num_rounds: int, first_round: int = 1,
+            on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> tuple[ArrayRecord, str]:
         """Train rounds ``first_round..num_rounds``, until the budget stop, a failure, or until clients
         are missing for longer than the wait limit; return the model of the last COMPLETED round (never
         a half-done round's: every file of a stopped run describes the same round) and why it stopped.
-        ``self.stopped`` says how (:class:`Stop`)."""
+        ``self.stopped`` says how (:class:`Stop`). ``on_round_end(round, model)`` runs after every
+        round, before the round is published (e.g. to save a checkpoint)."""
         waking = time.monotonic()
         # Part of start-up, not of round 1: asks every client its identity, which also wakes
         # cold clients (process or worker start, imports, data) before the first round is timed.
@@ -223,29 +229,26 @@ class Federation:
             except WaitTimeout as stop:
                 return arrays, self._stop("clients", f"stopped before finishing round {server_round}: {stop}", server_round)
             except Diverged as stop:
-                if self.health is not None:
-                    self.health.diverged(server_round, str(stop))
+                self.health.diverged(server_round, str(stop))
                 return arrays, self._stop("failed", f"stopped before finishing round {server_round}: {stop}", server_round)
             except RoundFailed as failure:
                 return arrays, self._stop("failed", str(failure), server_round, failure)
-            row |= self.diagnostics.counts(server_round, self.round_counts)
+            row |= self.diagnostics.counts(server_round, self.round_counts or {})
             central = self.central_eval(new_arrays)
             row["central_loss"], row["central_accuracy"] = central.loss, central.accuracy
-            problems = []
-            if self.health is not None:
-                problems = self.health.check(server_round, central.loss, row.get("train_loss"), central.predicted_classes)
+            problems = self.health.check(server_round, central.loss, row.get("train_loss"), central.predicted_classes)
             row["round"] = server_round
             row["seconds"] = round(time.monotonic() - started, 3)
             # Checkpoint (with the secret noise state) before anything of the round is published:
             # a resume after a crash in between re-runs the round with the same noise stream, and
             # that is safe only if nothing of the first attempt was released.
             self.recorder.add_round(row | self.privacy_fields(), publish=False)
-            if self.on_round_end is not None:
-                self.on_round_end(server_round, new_arrays)
+            if on_round_end is not None:
+                on_round_end(server_round, new_arrays)
             arrays = new_arrays
             self.recorder.publish()
             line = progress.line(server_round, row["central_accuracy"], row["central_loss"], self.privacy_fields())
-            print(line + "".join(f"  WARNING {kind}" for kind in problems), flush=True)
+            say(line + "".join(f"  WARNING {kind}" for kind in problems))
         return arrays, self._stop("completed", f"completed {num_rounds} rounds")
 
     def _stop(self, kind: str, reason: str, interrupted_round: int | None = None,
@@ -253,7 +256,7 @@ class Federation:
         """Record how the run ended; a round that did not finish keeps its exact counts (without DP in
         summary.json, with DP only in the operator's 0600 diagnostics.jsonl), never a metrics row."""
         if kind != "completed":
-            print(reason, flush=True)
+            say(reason)
         interrupted = None
         if interrupted_round is not None:
             interrupted = {"round": interrupted_round}
@@ -293,9 +296,10 @@ class Federation:
         return replies, failures
 
     def _refusals(self, server_round: int, replies: list[Message]) -> list[Message]:
-        refused = [m for m in replies if not m.has_error() and m.content["metrics"].get(REFUSED, 0)]
+        refused = [m for m in replies if not m.has_error() and _reported(m, REFUSED)]
         for message in refused:
-            reason = message.content["status"]["reason"] if "status" in message.content else "refused"
+            status = message.content.config_records.get("status")
+            reason = str(status["reason"]) if status is not None and "reason" in status else "refused"
             self.diagnostics.event(server_round, f"client {self.node_of(message)} refused to train: {reason}")
         return refused
 
@@ -315,7 +319,7 @@ class Federation:
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
         chosen = self.privacy.sampler.sample(self.connected_clients())
         messages = list(
-            self.strategy.configure_train(server_round, arrays, self._instructions(server_round), OfferedNodes(chosen))
+            self.strategy.configure_train(server_round, arrays, self._instructions(server_round), offered(chosen))
         )
         replies, failures = self._exchange(server_round, messages)
         refused = self._refusals(server_round, replies)
@@ -330,23 +334,13 @@ class Federation:
         }
         self.round_counts = counts  # filed by run(): with the round's row, or as the interrupted round
         row = {"train_loss": _mean_metric(usable, TRAIN_LOSS)}
-        if self.privacy.aggregator is not None:
-            stepped = self._private_step(server_round, arrays, usable)
-            counts |= {"num_clipped": self.tally.num_clipped, "num_rejected": self.tally.num_rejected}
-            return stepped, row
-        if not usable and answered and not refused:
-            raise Diverged(f"every update of round {server_round} was malformed (see the rejections above)")
-        if not usable:
-            reasons = "; ".join(sorted({m.error.reason for m in failures})) or (
-                ("all refused: each client's reason is in "
-                 + ("diagnostics.jsonl (operator-only)" if self.diagnostics.private else "the log above")
-                 + "; e.g. its privacy budget or its own policy")
-                if refused else "no clients sampled"
-            )
-            # A DP run publishes no exact count, the number sampled included.
-            nobody = "no sampled client" if self.diagnostics.private else f"none of {len(messages)} sampled clients"
-            raise RoundFailed(f"round {server_round}: {nobody} returned an update ({reasons})")
-        new_arrays, _ = self.strategy.aggregate_train(server_round, usable)
+        # User-level DP releases noise even from a round with no usable update (an empty Poisson
+        # round, or every sampled client gone): the ledger is charged and the run goes on.
+        if not usable and self.privacy.mechanism is None:
+            raise self._no_update(server_round, messages, failures, refused, answered)
+        new_arrays, metrics = self.strategy.aggregate_train(server_round, usable)
+        if metrics is not None and DP_NUM_CLIPPED in metrics:
+            counts |= self._release_counts(server_round, metrics)
         if new_arrays is None:
             raise RoundFailed(
                 f"round {server_round}: {type(self.strategy).__name__} produced no aggregate from "
@@ -354,40 +348,46 @@ class Federation:
             )
         return _finite(server_round, _with_dtypes_of(arrays, new_arrays)), row
 
-    def _private_step(self, server_round: int, arrays: ArrayRecord, usable: list[Message]) -> ArrayRecord:
-        """Noisy clipped mean first (DP), then the strategy's server step on it (post-processing)."""
-        dp = self.privacy.aggregator
-        bits = [int(m.content["metrics"].get(UNCLIPPED, 1)) for m in usable]
-        new_global, done = dp.aggregate(
-            arrays_from_record(arrays), [arrays_from_record(m.content["arrays"]) for m in usable], bits
+    def _no_update(self, server_round: int, messages: list[Message], failures: list[Message],
+                   refused: list[Message], answered: list[Message]) -> RuntimeError:
+        """Why a round without differential privacy got no update to aggregate."""
+        if answered and not refused:
+            return Diverged(f"every update of round {server_round} was malformed (see the rejections above)")
+        reasons = "; ".join(sorted({str(m.error.reason) for m in failures})) or (
+            ("all refused: each client's reason is in "
+             + ("diagnostics.jsonl (operator-only)" if self.diagnostics.private else "the log above")
+             + "; e.g. its privacy budget or its own policy")
+            if refused else "no clients sampled"
         )
-        self.privacy.ledger.step()
-        self.tally.clipping_norm, self.tally.num_clipped, self.tally.num_rejected = (
-            done.clipping_norm, done.num_clipped, done.num_rejected
-        )
-        if done.num_rejected:
+        # A DP run publishes no exact count, the number sampled included.
+        nobody = "no sampled client" if self.diagnostics.private else f"none of {len(messages)} sampled clients"
+        return RoundFailed(f"round {server_round}: {nobody} returned an update ({reasons})")
+
+    def _release_counts(self, server_round: int, metrics: MetricRecord) -> dict:
+        """File what the DP wrapper reports of its release: the clip norm (released) in the tally,
+        the exact clipped and rejected counts (private) for the operator's diagnostics only."""
+        tally = self.tally
+        figures = {key: metrics[key] for key in (DP_CLIPPING_NORM, DP_NUM_CLIPPED, DP_NUM_REJECTED)}
+        if not all(isinstance(value, (int, float)) for value in figures.values()):
+            raise TypeError(f"the DP strategy reported non-numeric figures: {figures}")
+        tally.clipping_norm = float(figures[DP_CLIPPING_NORM])  # type: ignore[arg-type]  # checked above
+        tally.num_clipped = int(figures[DP_NUM_CLIPPED])  # type: ignore[arg-type]
+        tally.num_rejected = int(figures[DP_NUM_REJECTED])  # type: ignore[arg-type]
+        if tally.num_rejected:
             self.diagnostics.event(
-                server_round, f"round {server_round}: {done.num_rejected} update(s) exceeded the clip norm and were rejected"
+                server_round, f"round {server_round}: {tally.num_rejected} update(s) exceeded the clip norm and were rejected"
             )
-        noisy_reply = Message(
-            content=RecordDict(
-                {"arrays": record_from_arrays(new_global), "metrics": MetricRecord({NUM_EXAMPLES: 1})}
-            ),
-            dst_node_id=0,
-            message_type=MessageType.TRAIN,
-        )
-        stepped, _ = self.strategy.aggregate_train(server_round, [noisy_reply])
-        return _finite(server_round, _with_dtypes_of(arrays, stepped))  # e.g. FedAdam's step on top
+        return {"num_clipped": tally.num_clipped, "num_rejected": tally.num_rejected}
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> dict:
         chosen = self.eval_sampler.sample(self.connected_clients())
         messages = self.strategy.configure_evaluate(
-            server_round, arrays, self._instructions(server_round), OfferedNodes(chosen)
+            server_round, arrays, self._instructions(server_round), offered(chosen)
         )
         replies, _ = self._exchange(server_round, messages)
         # A client with no validation split (e.g. 1-2 examples each) weighs 0: Flower's weighted mean
         # of only such replies divides by zero, so they are left out; with none left there is no figure.
-        weighed = [m for m in replies if m.has_error() or m.content["metrics"].get(NUM_EXAMPLES, 0) > 0]
+        weighed = [m for m in replies if m.has_error() or (_reported(m, NUM_EXAMPLES) or 0) > 0]
         if not any(not m.has_error() for m in weighed):
             return {"federated_loss": None, "federated_accuracy": None}
         metrics = self.strategy.aggregate_evaluate(server_round, weighed)
@@ -416,15 +416,13 @@ def _with_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
 
 
 def _metric(record: MetricRecord | None, key: str) -> float | None:
-    if record is None or key not in record:
-        return None
-    return float(record[key])
+    value = record.get(key) if record is not None else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _mean_metric(replies: list[Message], key: str) -> float | None:
     """Example-weighted mean of a client metric (None when no reply carries it)."""
-    pairs = [(float(m.content["metrics"][key]), float(m.content["metrics"][NUM_EXAMPLES]))
-             for m in replies if key in m.content["metrics"]]
+    pairs = [(value, _reported(m, NUM_EXAMPLES) or 0.0) for m in replies if (value := _reported(m, key)) is not None]
     total = sum(w for _, w in pairs)
     if not pairs or total <= 0:
         return None

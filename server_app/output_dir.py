@@ -14,6 +14,7 @@ import os
 import time
 
 from common.config import ConfigError
+from server_app.status import say
 
 # Files only a run of this app writes (a directory with just other files is not "used").
 RUN_FILES = ("config.json", "metrics.json", "metrics.csv", "summary.json", "model.pt", "checkpoint.json",
@@ -55,5 +56,5 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str | 
         n += 1
         target = f"{base}-{n}"
     os.rename(output_dir, target)
-    print(f"overwrite = true: moved the previous run in {output_dir} to {target}", flush=True)
+    say(f"overwrite = true: moved the previous run in {output_dir} to {target}")
     return target

@@ -22,11 +22,13 @@ from logging import INFO, WARNING
 from typing import TYPE_CHECKING
 
 from flwr.common.logger import log
+from flwr.serverapp.strategy import Strategy
 
 from common.config import ConfigError, RunConfig
 from common.privacy.adaptive_clipping import AdaptiveClipping
 from common.privacy.secret_random import SecretRandom
-from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler, SeededChoices
+from server_app.dp_strategy import UserLevelDPStrategy
+from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler, Sampler, SeededChoices
 from server_app.user_level_dp import UserLevelDP
 
 if TYPE_CHECKING:
@@ -35,11 +37,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class PrivacyPlan:
-    sampler: object
+    """How the server samples clients and, in user-level modes, privatises their updates."""
+
+    sampler: Sampler
     expected_clients: float
     noise_multiplier: float | None = None
     ledger: UserLevelLedger | None = None
-    aggregator: UserLevelDP | None = None
+    mechanism: UserLevelDP | None = None  # clip, fixed-denominator mean, Gaussian noise
     secret: SecretRandom | None = None  # the server's CSPRNG (user-level modes); checkpointed 0600
     # Fixed-size DP sampling is accounted as m of this many clients: never sample from fewer.
     population: int = 0
@@ -49,6 +53,12 @@ class PrivacyPlan:
     def insecure(self) -> bool:
         """True when the noise is reproducible from an operator-chosen debug key: no guarantee."""
         return self.secret is not None and self.secret.debug
+
+    def wrap(self, strategy: Strategy) -> Strategy:
+        """The strategy the round loop drives: in user-level modes ``strategy`` behind the DP wrapper."""
+        if self.mechanism is None or self.ledger is None:
+            return strategy
+        return UserLevelDPStrategy(strategy, self.mechanism, self.ledger)
 
 
 def expected_clients_per_round(config: RunConfig, num_clients: int) -> int:
@@ -80,7 +90,7 @@ def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
     check_robust_quorum(config, m)
     if not config.privacy.server_noise:
         # Client-side mechanisms: the server's sampling adds no guarantee of its own.
-        sampler = (
+        sampler: Sampler = (
             EveryoneSampler() if config.sampling == "all" else ClientSampler(config.clients_per_round, SeededChoices(config.seed))
         )
         return PrivacyPlan(sampler, m)
@@ -132,7 +142,7 @@ def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
             f"(the default stddev is clients per round / 20). Raise adaptive-count-stddev, sample more "
             "clients per round, lower the noise, or use clipping = 'fixed'"
         )
-    aggregator = UserLevelDP(
+    mechanism = UserLevelDP(
         noise_multiplier=z,
         clipping_norm=config.clipping_norm,
         expected_clients=m,
@@ -142,7 +152,7 @@ def plan_privacy(config: RunConfig, num_clients: int) -> PrivacyPlan:
     )
     ledger = UserLevelLedger(z, config.sampling, num_clients, m, config.target_delta, config.accountant)
     population = num_clients if config.sampling == "fixed" else 0
-    return PrivacyPlan(sampler, m, z, ledger, aggregator, secret, population)
+    return PrivacyPlan(sampler, m, z, ledger, mechanism, secret, population)
 
 
 USER_LEVEL_RELEASE = (
@@ -168,6 +178,7 @@ def guarantee_sentence(config: RunConfig, plan: PrivacyPlan | None, rounds: int,
     if rounds == 0:
         return "No round ran, so no model update was released (epsilon 0)."
     if config.privacy.server_noise:
+        assert plan is not None and plan.ledger is not None, "user-level modes always have a plan with a ledger"
         described = plan.ledger.describe()
         clip = "adaptive" if config.clipping == "adaptive" else f"fixed at {config.clipping_norm}"
         where = "each client" if config.privacy.client_clips else "the server"

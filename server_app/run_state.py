@@ -10,7 +10,7 @@ piece from the run's config. What is kept:
   FedAdam, FedYogi, FedAdagrad ``current_arrays``, ``m_t``, ``v_t``; QFedAvg
   ``current_arrays``); every other strategy holds no state between rounds;
 * the privacy plan: the sampler (kind, rate or size, and the ``random.Random`` state when it is
-  seeded), the noise multiplier, the ledger (``state_dict``), the DP aggregator's clip norm and
+  seeded), the noise multiplier, the ledger (``state_dict``), the DP mechanism's clip norm and
   adaptive clipping (``state_dict``). The server's secret generator is NOT here: it lives in
   ``secret_state.json`` (0600) and is handed in on restore;
 * the evaluation sampler's ``random.Random`` state, the privacy tally, the client identities
@@ -23,6 +23,7 @@ left out of the (shareable) checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from flwr.app import Array, ArrayRecord
 from common.config import RunConfig
 from common.privacy.adaptive_clipping import AdaptiveClipping
 from common.privacy.secret_random import SecretRandom
+from server_app.dp_strategy import unwrapped
 from server_app.plain import (
     BOOLEAN,
     ENCODED_NUMBER,
@@ -48,7 +50,7 @@ from server_app.plain import (
     record,
 )
 from server_app.privacy import PrivacyPlan
-from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler, SeededChoices
+from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler, Sampler, SeededChoices
 from server_app.user_level_dp import UserLevelDP
 
 # Attributes of Flower 1.41's strategies that carry state from one round to the next.
@@ -69,7 +71,7 @@ Arrays = dict[str, np.ndarray]
 def federation_to_plain(strategy, privacy: PrivacyPlan, eval_sampler: ClientSampler, tally,
                         identities: dict[int, str], num_clients: int) -> tuple[dict[str, Any], Arrays]:
     """(JSON state, arrays for the NPZ) of everything a resumed run needs besides the model."""
-    strategy_plain, arrays = strategy_to_plain(strategy)
+    strategy_plain, arrays = strategy_to_plain(unwrapped(strategy))
     return {
         "num_clients": int(num_clients),
         "strategy": strategy_plain,
@@ -84,16 +86,30 @@ FEDERATION = {"num_clients": INTEGER, "strategy": OBJECT, "privacy": OBJECT, "ev
               "tally": OBJECT, "identities": LIST}
 
 
-def check_federation(plain: Any) -> dict[str, Any]:
-    """The top level of a federation state (each part is checked where it is restored)."""
+@dataclass
+class ResumedFederation:
+    """The federation's parts read back from a checkpoint, each checked, ready to build it with."""
+
+    num_clients: int
+    privacy: PrivacyPlan
+    eval_choices: Any  # SeededChoices: the evaluation sampler's generator
+    tally: dict[str, Any]  # PrivacyTally's kept fields
+    identities: dict[int, str]
+    strategy: dict[str, Any]  # the strategy's state: see restore_strategy
+
+
+def resumed_federation(plain: Any, config: RunConfig, secret: SecretRandom | None) -> ResumedFederation:
+    """Read a checkpoint's federation state; ``secret`` is the generator from secret_state.json."""
     record(plain, FEDERATION, "federation")
     at_least(plain["num_clients"], 1, "federation.num_clients")
-    return plain
-
-
-def restore_tally(tally, plain: Any) -> None:
-    for key, value in record(plain, TALLY_KEPT, "federation.tally").items():
-        setattr(tally, key, value)
+    return ResumedFederation(
+        num_clients=plain["num_clients"],
+        privacy=privacy_from_plain(plain["privacy"], config, secret),
+        eval_choices=_rng_from_plain(plain["eval_rng"], None, "federation.eval_rng"),
+        tally=dict(record(plain["tally"], TALLY_KEPT, "federation.tally")),
+        identities=identities_from_plain(plain["identities"]),
+        strategy=plain["strategy"],
+    )
 
 
 def identities_from_plain(plain: Any) -> dict[int, str]:
@@ -111,7 +127,8 @@ def identities_from_plain(plain: Any) -> dict[int, str]:
 
 def strategy_to_plain(strategy) -> tuple[dict[str, Any], Arrays]:
     """Which state attributes the strategy has, how each is laid out, and its arrays."""
-    layout, arrays = {}, {}
+    layout: dict[str, Any] = {}
+    arrays: Arrays = {}
     for attribute in STRATEGY_STATE:
         if not hasattr(strategy, attribute):
             continue
@@ -134,6 +151,7 @@ def strategy_to_plain(strategy) -> tuple[dict[str, Any], Arrays]:
 
 def restore_strategy(strategy, plain: Any, arrays: Arrays, model: Arrays) -> None:
     """Set the strategy's state attributes, each checked against the model's names and shapes."""
+    strategy = unwrapped(strategy)
     record(plain, {"class": STRING, "state": OBJECT}, "federation.strategy")
     if plain["class"] != type(strategy).__name__:
         raise CheckpointError(f"federation.strategy: written by {plain['class']}, this run uses {type(strategy).__name__}")
@@ -207,7 +225,7 @@ def sampler_to_plain(sampler) -> dict[str, Any]:
     raise TypeError(f"{type(sampler).__name__}: not checkpointable")
 
 
-def sampler_from_plain(plain: Any, secret: SecretRandom | None, where: str):
+def sampler_from_plain(plain: Any, secret: SecretRandom | None, where: str) -> Sampler:
     check(plain, OBJECT, where)
     if plain == {"kind": "everyone"}:
         return EveryoneSampler()
@@ -220,15 +238,11 @@ def sampler_from_plain(plain: Any, secret: SecretRandom | None, where: str):
     raise CheckpointError(f"{where}: not a sampler: {plain['kind']!r} of size {plain['size']!r}")
 
 
-def restore_eval_sampler(sampler: ClientSampler, plain: Any) -> None:
-    sampler.rng = _rng_from_plain(plain, None, "federation.eval_rng")
-
-
 # --- the privacy plan -------------------------------------------------------------------------
 
 
 def privacy_to_plain(plan: PrivacyPlan) -> dict[str, Any]:
-    dp = plan.aggregator
+    dp = plan.mechanism
     return {
         "expected_clients": plan.expected_clients,
         "noise_multiplier": plan.noise_multiplier,
@@ -236,7 +250,7 @@ def privacy_to_plain(plan: PrivacyPlan) -> dict[str, Any]:
         "notes": list(plan.notes),
         "sampler": sampler_to_plain(plan.sampler),
         "ledger": plan.ledger.state_dict() if plan.ledger is not None else None,
-        "aggregator": None if dp is None else {
+        "aggregator": None if dp is None else {  # the file's name for the mechanism (format kept)
             "noise_multiplier": dp.noise_multiplier,
             "clipping_norm": dp.fixed_clipping_norm,
             "expected_clients": dp.expected_clients,
@@ -249,7 +263,7 @@ def privacy_to_plain(plan: PrivacyPlan) -> dict[str, Any]:
 
 PLAN = {"expected_clients": NUMBER, "noise_multiplier": OPTIONAL_NUMBER, "population": INTEGER, "notes": LIST,
         "sampler": OBJECT, "ledger": OPTIONAL_OBJECT, "aggregator": OPTIONAL_OBJECT, "secret": OPTIONAL_OBJECT}
-AGGREGATOR = {"noise_multiplier": NUMBER, "clipping_norm": NUMBER, "expected_clients": NUMBER,
+MECHANISM = {"noise_multiplier": NUMBER, "clipping_norm": NUMBER, "expected_clients": NUMBER,
               "clip_on_server": BOOLEAN, "adaptive": OPTIONAL_OBJECT}
 ADAPTIVE = {"clipping_norm": NUMBER, "target_unclipped_quantile": NUMBER, "learning_rate": NUMBER,
             "count_noise_std": OPTIONAL_NUMBER, "rounds": INTEGER, "last_unclipped_fraction": OPTIONAL_NUMBER}
@@ -265,7 +279,7 @@ def privacy_from_plain(plain: Any, config: RunConfig, secret: SecretRandom | Non
     user_level = config.privacy.server_noise
     present = [plain["ledger"] is not None, plain["aggregator"] is not None, plain["secret"] is not None]
     if present != [user_level] * 3:
-        raise CheckpointError(f"{where}: ledger/aggregator/secret {present} do not fit dp = {config.dp!r}")
+        raise CheckpointError(f"{where}: ledger/mechanism/secret {present} do not fit dp = {config.dp!r}")
     if user_level:
         record(plain["secret"], {"debug": BOOLEAN}, f"{where}.secret")
         if secret is None or secret.debug != plain["secret"]["debug"] or secret.debug != bool(config.debug_noise_key):
@@ -276,18 +290,20 @@ def privacy_from_plain(plain: Any, config: RunConfig, secret: SecretRandom | Non
         wanted = ClientSampler
     if type(sampler) is not wanted:
         raise CheckpointError(f"{where}.sampler: {type(sampler).__name__} does not fit sampling = {config.sampling!r}")
-    if user_level and not isinstance(sampler, EveryoneSampler) and sampler.rng is not secret:
+    if user_level and isinstance(sampler, (ClientSampler, PoissonSampler)) and sampler.rng is not secret:
         raise CheckpointError(f"{where}.sampler: user-level DP sampling must draw from the secret generator")
-    ledger = _ledger_from_plain(plain["ledger"], config) if user_level else None
-    aggregator = _aggregator_from_plain(plain["aggregator"], secret) if user_level else None
     z = plain["noise_multiplier"]
-    if user_level and not (z == ledger.noise_multiplier == aggregator.noise_multiplier
-                           and (config.target_epsilon or z == config.noise_multiplier)):
-        raise CheckpointError(f"{where}: the noise multipliers of the plan, ledger and aggregator disagree")
+    ledger, mechanism = None, None
+    if user_level and secret is not None:  # secret: checked above
+        ledger = _ledger_from_plain(plain["ledger"], config)
+        mechanism = _mechanism_from_plain(plain["aggregator"], secret)
+        if not (z == ledger.noise_multiplier == mechanism.noise_multiplier
+                and (config.target_epsilon or z == config.noise_multiplier)):
+            raise CheckpointError(f"{where}: the noise multipliers of the plan, ledger and mechanism disagree")
     notes = list_of(plain["notes"], STRING, f"{where}.notes")
-    population = at_least(plain["population"], 0, f"{where}.population")
+    population = int(at_least(plain["population"], 0, f"{where}.population"))
     expected = at_least(plain["expected_clients"], 0, f"{where}.expected_clients")
-    return PrivacyPlan(sampler, expected, z, ledger, aggregator, secret if user_level else None,
+    return PrivacyPlan(sampler, expected, z, ledger, mechanism, secret if user_level else None,
                        population, notes)
 
 
@@ -310,9 +326,9 @@ def _ledger_from_plain(plain: Any, config: RunConfig):
         raise CheckpointError(f"{where}: {error}") from None
 
 
-def _aggregator_from_plain(plain: Any, secret: SecretRandom) -> UserLevelDP:
+def _mechanism_from_plain(plain: Any, secret: SecretRandom) -> UserLevelDP:
     where = "federation.privacy.aggregator"
-    record(plain, AGGREGATOR, where)
+    record(plain, MECHANISM, where)
     adaptive = None
     if plain["adaptive"] is not None:
         state = record(plain["adaptive"], ADAPTIVE, f"{where}.adaptive")

@@ -17,9 +17,10 @@ Both sources offer ``bernoulli(p, n)`` and ``choice_without_replacement(items, k
 from __future__ import annotations
 
 import random
-from typing import Protocol, Sequence, TypeVar
+from typing import Protocol, Sequence, TypeVar, cast
 
 import numpy as np
+from flwr.serverapp import Grid
 
 T = TypeVar("T")
 
@@ -28,6 +29,10 @@ class Choices(Protocol):
     def bernoulli(self, p: float, size: int) -> np.ndarray: ...
 
     def choice_without_replacement(self, items: Sequence[T], k: int) -> list[T]: ...
+
+
+class Sampler(Protocol):
+    def sample(self, node_ids: Sequence[int]) -> list[int]: ...
 
 
 class SeededChoices:
@@ -72,6 +77,12 @@ class OfferedNodes:
 
     def get_node_ids(self) -> list[int]:
         return list(self._node_ids)
+
+
+def offered(node_ids: Sequence[int]) -> Grid:
+    """The stand-in typed as the Grid a strategy's ``configure_*`` expects: those methods call
+    only ``get_node_ids`` on it (Flower 1.41's ``sample_nodes``), which is all it offers."""
+    return cast(Grid, OfferedNodes(node_ids))
 
 
 class PoissonSampler:

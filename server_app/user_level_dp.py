@@ -14,11 +14,9 @@ models"; the Gaussian sum query of Andrew et al. 2021 for adaptive clipping):
 Neighbouring relation: datasets differing in ALL the data of one client (user-level), with
 add/remove-one for Poisson sampling and "all", replace-one for fixed-size sampling.
 
-The noisy mean update is then handed to the strategy as the single "reply" it aggregates, so
-FedAvg/FedProx apply it as is and FedAvgM/FedAdam/FedYogi/FedAdagrad run their optimizer on
-it: post-processing, which cannot weaken the guarantee. (Flower's own DP wrappers noise the
-strategy's OUTPUT instead: an example-weighted mean, after the optimizer; see
-tests/test_flower_dp_audit.py.)
+:class:`server_app.dp_strategy.UserLevelDPStrategy` wraps the run's Flower strategy around
+this mechanism: the strategy's server step (FedAvgM's momentum, FedAdam's moments) then runs on
+the noisy mean only, as post-processing.
 
 With adaptive clipping the clipped-count query of Andrew et al. (2021) also touches the
 data; the update noise then uses the larger effective multiplier z_delta so that the pair
@@ -90,26 +88,28 @@ class UserLevelDP:
         return self.adaptive.clipping_norm if self.adaptive else self.fixed_clipping_norm
 
     def aggregate(
-        self, global_arrays: Arrays, client_arrays: list[Arrays], client_bits: list[int] | None = None
+        self, global_arrays: Arrays, client_arrays: list[Arrays], reported_unclipped: list[int] | None = None
     ) -> tuple[Arrays, RoundPrivacy]:
         """Return the new global arrays (global + noisy clipped mean delta) and what was done.
 
-        ``client_bits`` (client mode with adaptive clipping): each client's own report of
-        whether its update was unclipped.
+        ``reported_unclipped`` (client mode with adaptive clipping): each client's own report
+        (1 or 0) of whether its update was within the clip norm before it clipped.
         """
         clip = self.clipping_norm
-        clipped, bits, rejected = [], [], 0
+        clipped: list[Arrays] = []
+        unclipped: list[int] = []  # per used update: 1 if it was within the clip norm
+        rejected = 0
         for i, arrays in enumerate(client_arrays):
             delta = model_delta(arrays, global_arrays)
             if self.clip_on_server:
-                delta, _, bit = clip_update(delta, clip)
+                delta, _, was_within = clip_update(delta, clip)
             elif update_norm(delta) > clip * (1 + CLIP_TOLERANCE):
                 rejected += 1  # a client that did not clip: its update is not used
                 continue
             else:
-                bit = int(client_bits[i]) if client_bits is not None else 1
+                was_within = int(reported_unclipped[i]) if reported_unclipped is not None else 1
             clipped.append(delta)
-            bits.append(bit)
+            unclipped.append(was_within)
         std = self.update_noise_multiplier * clip / self.expected_clients
         if clipped:
             mean = fixed_denominator_mean(clipped, self.expected_clients)
@@ -117,5 +117,5 @@ class UserLevelDP:
             mean = {k: np.zeros_like(v, dtype=np.float64) for k, v in global_arrays.items()}
         noisy = {k: v + n for (k, v), n in zip(mean.items(), gaussian_noise_like(mean, std, self.rng).values())}
         if self.adaptive is not None:
-            self.adaptive.update(bits, self.expected_clients, self.rng)
-        return apply_delta(global_arrays, noisy), RoundPrivacy(clip, std, len(bits) - sum(bits), rejected)
+            self.adaptive.update(unclipped, self.expected_clients, self.rng)
+        return apply_delta(global_arrays, noisy), RoundPrivacy(clip, std, len(unclipped) - sum(unclipped), rejected)

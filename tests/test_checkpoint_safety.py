@@ -192,7 +192,7 @@ def test_restored_state_is_checked_against_the_run(tmp_path):
     with pytest.raises(CheckpointError, match="must draw from the secret generator"):
         privacy_from_plain(seeded, config, plan.secret)
     weaker = json.loads(json.dumps(plain["privacy"])) | {"noise_multiplier": 0.01}
-    with pytest.raises(CheckpointError, match="noise multipliers of the plan, ledger and aggregator disagree"):
+    with pytest.raises(CheckpointError, match="noise multipliers of the plan, ledger and mechanism disagree"):
         privacy_from_plain(weaker, config, plan.secret)
 
 

@@ -83,16 +83,18 @@ def test_clients_gone_before_round_one_stop_the_run_cleanly():
     never come back must still end with a reason, not an exception that loses the run's ending."""
     from flwr.app import ArrayRecord
 
+    from common.config import RunConfig
     from server_app.federation import Federation
+    from server_app.privacy import plan_privacy
 
     class EmptyGrid:
         def get_node_ids(self):
             return []
 
     federation = Federation(
-        grid=EmptyGrid(), strategy=None, privacy=None, eval_sampler=None, recorder=None, diagnostics=None,
-        central_eval=None, num_features=4, num_classes=2, min_available_clients=2,
-        federated_evaluation=False, wait_timeout=0.01,
+        grid=EmptyGrid(), strategy=None, privacy=plan_privacy(RunConfig(), 2), eval_sampler=None, recorder=None,
+        diagnostics=None, central_eval=None, num_features=4, num_classes=2, min_available_clients=2,
+        federated_evaluation=False, tally=None, health=None, wait_timeout=0.01,
     )
     arrays = ArrayRecord()
     returned, reason = federation.run(arrays, num_rounds=3, first_round=2)

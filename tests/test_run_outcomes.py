@@ -84,7 +84,8 @@ def test_a_round_without_any_update_says_failed_and_still_fails_the_run(tmp_path
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_a_diverged_dp_round_says_failed_and_files_its_counts_privately(tmp_path):
     """A clip norm of 1e300 makes the noisy float32 aggregate infinite: the run stops in round 1, after one
-    client was lost; its exact counts go to the 0600 diagnostics file only, as DP counts must."""
+    client was lost; its exact counts (the DP release's clipped and rejected counts too) go to the 0600
+    diagnostics file only, as DP counts must."""
     out = run_inprocess(FAST | {"output-dir": str(tmp_path), "num-server-rounds": 2, "dp": "server", "sampling": "all",
                                 "clipping-norm": 1e300}, num_clients=3, drop_after={0: 0})
     summary = _summary(out)
@@ -93,7 +94,7 @@ def test_a_diverged_dp_round_says_failed_and_files_its_counts_privately(tmp_path
     records = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
     counts = [r for r in records if r.get("interrupted")]
     assert counts == [{"round": 1, "num_replies": 2, "num_failures": 1, "num_refused": 0, "num_invalid": 0,
-                       "interrupted": True}]
+                       "num_clipped": 0, "num_rejected": 0, "interrupted": True}]
     assert "num_failures" not in json.dumps(summary) and _metrics(out) == []
 
 

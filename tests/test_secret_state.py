@@ -44,7 +44,7 @@ def test_the_checkpoint_holds_no_key_and_a_resume_continues_the_same_stream(tmp_
     checkpoint = load_checkpoint(str(tmp_path), {"seed": 1})
     restored = privacy_from_plain(checkpoint.federation["privacy"], config, checkpoint.secret)
     # One generator shared by the sampler, the noise and the adaptive clipping, as before.
-    assert restored.sampler.rng is restored.aggregator.rng is restored.secret
+    assert restored.sampler.rng is restored.mechanism.rng is restored.secret
     assert np.array_equal(restored.secret.gaussian((100,), 1.0), plan.secret.gaussian((100,), 1.0))
 
 
@@ -87,17 +87,18 @@ def test_fixed_dp_sampling_waits_for_the_whole_accounted_population():
         def get_node_ids(self):
             return [11, 12, 13, 14]  # one of the five clients the ledger was opened for is gone
 
-    plan = plan_privacy(RunConfig(dp="server", sampling="fixed", clients_per_round=2), num_clients=5)
-    federation = Federation(
-        grid=Grid(), strategy=None, privacy=plan, eval_sampler=None, recorder=None, diagnostics=None,
-        central_eval=None, num_features=4, num_classes=2, min_available_clients=2,
-        federated_evaluation=False, wait_timeout=0.01,
-    )
+    def federation(sampling: str) -> Federation:
+        plan = plan_privacy(RunConfig(dp="server", sampling=sampling, clients_per_round=2), num_clients=5)
+        return Federation(
+            grid=Grid(), strategy=None, privacy=plan, eval_sampler=None, recorder=None, diagnostics=None,
+            central_eval=None, num_features=4, num_classes=2, min_available_clients=2,
+            federated_evaluation=False, tally=None, health=None, wait_timeout=0.01,
+        )
+
     with pytest.raises(WaitTimeout, match="only 4 of the 5 required clients .fixed DP sampling"):
-        federation.wait_for_clients()
-    poisson = plan_privacy(RunConfig(dp="server", sampling="poisson", clients_per_round=2), num_clients=5)
-    federation.privacy = poisson  # a missing client is sampled with probability 0 <= q: no wait
-    assert federation.wait_for_clients() == [11, 12, 13, 14]
+        federation("fixed").wait_for_clients()
+    # A missing client is sampled with probability 0 <= q: Poisson sampling does not wait.
+    assert federation("poisson").wait_for_clients() == [11, 12, 13, 14]
 
 
 def test_flowers_own_count_lines_leave_the_log_in_a_dp_mode(tmp_path, caplog):

@@ -48,12 +48,12 @@ def test_clipping_bounds_every_update_and_uses_the_fixed_denominator():
     clip, m = 1.0, 8
     dp = UserLevelDP(0.0, clip, expected_clients=m, clip_on_server=True, rng=_rng(0))
     for norm in (1e-9, 0.3, 0.999, 7.0, 1e6):
-        new, done = dp.aggregate(_global(), _clients([norm]))
+        new, release = dp.aggregate(_global(), _clients([norm]))
         assert update_norm(new) == pytest.approx(min(norm, clip) / m, rel=1e-6)
-        assert done.num_clipped == (1 if norm > clip else 0)
+        assert release.num_clipped == (1 if norm > clip else 0)
     # Three clients of norm 100: each contributes at most C/m, whatever their number of examples.
-    new, done = dp.aggregate(_global(), _clients([100.0] * 3))
-    assert update_norm(new) <= 3 * clip / m + 1e-9 and done.num_clipped == 3
+    new, release = dp.aggregate(_global(), _clients([100.0] * 3))
+    assert update_norm(new) <= 3 * clip / m + 1e-9 and release.num_clipped == 3
 
 
 def test_zero_update_does_not_crash():
@@ -64,8 +64,8 @@ def test_zero_update_does_not_crash():
 
 def test_client_mode_rejects_updates_beyond_the_norm():
     dp = UserLevelDP(0.0, 1.0, expected_clients=2, clip_on_server=False, rng=_rng(0))
-    new, done = dp.aggregate(_global(), _clients([0.5, 5.0]), client_bits=[1, 1])
-    assert done.num_rejected == 1
+    new, release = dp.aggregate(_global(), _clients([0.5, 5.0]), reported_unclipped=[1, 1])
+    assert release.num_rejected == 1
     assert update_norm(new) == pytest.approx(0.5 / 2)
 
 
@@ -80,8 +80,8 @@ def test_adaptive_clipping_uses_the_effective_noise_and_moves_the_norm_up_when_a
     dp = UserLevelDP(1.0, 1.0, expected_clients=10, clip_on_server=True, rng=_rng(0), adaptive=adaptive)
     z_delta = effective_noise_multiplier(1.0, 2.0)
     assert z_delta > 1.0
-    new, done = dp.aggregate(_global(), _clients([50.0] * 10))
-    assert done.clipping_norm == 1.0 and done.noise_std == pytest.approx(z_delta * 1.0 / 10)
+    new, release = dp.aggregate(_global(), _clients([50.0] * 10))
+    assert release.clipping_norm == 1.0 and release.noise_std == pytest.approx(z_delta * 1.0 / 10)
     assert adaptive.clipping_norm > 1.0  # all clipped: C grows toward the median
 
 
