@@ -28,6 +28,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from server_app.sampling import OfferedNodes
 
+# The Flower release whose private TaskIdentity this module (and tests/simulation.py's in-process
+# simulation) was checked against; tests/test_flower_private_api.py fails on any other.
+VERIFIED_FLOWER = "1.41.0"
 SERVER_NODE_ID = SUPERLINK_NODE_ID  # the source node id a ServerApp's messages carry
 NUM_EXAMPLES = "num-examples"
 
