@@ -66,6 +66,14 @@ class WaitTimeout(RuntimeError):
     """Too few clients stayed connected for longer than ``wait-timeout``."""
 
 
+class BudgetSpent(RuntimeError):
+    """Every sampled client refused because its own privacy budget is spent (dpsgd/local)."""
+
+
+# How a client words a refusal for lack of budget (client_app/app.py, client_app/dpsgd.py).
+BUDGET_REFUSAL = "privacy budget exhausted"
+
+
 # How a run ended, as summary.json's ``stop_kind`` and the last log line ``fl-dp stop-kind: <kind>``
 # (launchers turn it into their exit code): every planned round ran; the privacy budget
 # (max-epsilon) stopped it; it stopped waiting for clients (wait-timeout); or it failed (the
@@ -104,6 +112,11 @@ class PrivacyTally:
         noises = [value for m in usable if (value := _reported(m, NOISE_MULTIPLIER)) is not None]
         if noises:
             self.reported_noise = min(noises)
+
+
+def _refusal_reason(reply: Message) -> str:
+    status = reply.content.config_records.get("status")
+    return str(status["reason"]) if status is not None and "reason" in status else "refused"
 
 
 def _reported(reply: Message, key: str) -> float | None:
@@ -228,6 +241,8 @@ class Federation:
                     row |= self.evaluate_round(server_round, new_arrays)
             except WaitTimeout as stop:
                 return arrays, self._stop("clients", f"stopped before finishing round {server_round}: {stop}", server_round)
+            except BudgetSpent as stop:
+                return arrays, self._stop("budget", f"budget stop in round {server_round}: {stop}", server_round)
             except Diverged as stop:
                 self.health.diverged(server_round, str(stop))
                 return arrays, self._stop("failed", f"stopped before finishing round {server_round}: {stop}", server_round)
@@ -298,8 +313,7 @@ class Federation:
     def _refusals(self, server_round: int, replies: list[Message]) -> list[Message]:
         refused = [m for m in replies if not m.has_error() and _reported(m, REFUSED)]
         for message in refused:
-            status = message.content.config_records.get("status")
-            reason = str(status["reason"]) if status is not None and "reason" in status else "refused"
+            reason = _refusal_reason(message)
             self.diagnostics.event(server_round, f"client {self.node_of(message)} refused to train: {reason}")
         return refused
 
@@ -353,6 +367,10 @@ class Federation:
         """Why a round without differential privacy got no update to aggregate."""
         if answered and not refused:
             return Diverged(f"every update of round {server_round} was malformed (see the rejections above)")
+        if refused and not failures and not answered and all(
+            _refusal_reason(m).startswith(BUDGET_REFUSAL) for m in refused
+        ):
+            return BudgetSpent("every sampled client's own privacy budget (its max-epsilon) is spent")
         reasons = "; ".join(sorted({str(m.error.reason) for m in failures})) or (
             ("all refused: each client's reason is in "
              + ("diagnostics.jsonl (operator-only)" if self.diagnostics.private else "the log above")

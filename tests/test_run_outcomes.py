@@ -46,6 +46,16 @@ def test_a_completed_run_says_completed(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == "fl-dp stop-kind: completed"
 
 
+def test_clients_out_of_their_own_budget_stop_the_run_as_budget_not_failed(tmp_path):
+    """local DP: each client enforces the smaller of its cap and the run's max-epsilon; when every
+    sampled client refuses for that reason the run ends as a budget stop (exit code 3), not a failure."""
+    out = run_inprocess(FAST | {"output-dir": str(tmp_path), "num-server-rounds": 2, "dp": "local",
+                                "max-epsilon": 1e-3}, num_clients=3)
+    summary = _summary(out)
+    assert summary["stop_kind"] == "budget", summary["stop_reason"]
+    assert "privacy budget" in summary["stop_reason"] and summary["rounds"] == 0
+
+
 def test_a_budget_stop_says_budget(tmp_path):
     from common.privacy.accounting import UserLevelLedger
 
