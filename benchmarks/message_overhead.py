@@ -9,6 +9,13 @@ The floor is a fresh ``python -c "import flwr, torch"``.
 
     .venv/bin/python benchmarks/message_overhead.py
     .venv/bin/python benchmarks/message_overhead.py --rounds 2 --repeats 1 --no-write   # a check
+
+``--warm-compare`` instead measures the warm launcher (``fl_dp/warm_client.py``, SuperNodes with
+``--isolation process``) against Flower's default isolation: deployments A (default) and B (warm)
+alternately, A B A B (``--pairs``), each the same run; per-round times from metrics.json, ratios
+B/A within each pair, final accuracy and epsilons side by side (section "warm_client")::
+
+    .venv/bin/python benchmarks/message_overhead.py --warm-compare --rounds 6 --pairs 2
 """
 
 from __future__ import annotations
@@ -99,7 +106,8 @@ class Stamped:
 
 
 def clientapp_lifetimes(roots: list[int], stop: threading.Event, seen: dict, interval: float = 0.05) -> None:
-    """Fill ``seen[pid]`` with the start and end (monotonic s) of every flwr-clientapp process under ``roots``."""
+    """Fill ``seen[pid]`` with the start and end (monotonic s) of every flwr-clientapp process under ``roots``
+    (with the warm launcher as a root: also its forked children, which keep its command line)."""
     offset = time.monotonic() - time.clock_gettime(time.CLOCK_BOOTTIME)
     while not stop.is_set():
         now, running = time.monotonic(), set()
@@ -110,7 +118,8 @@ def clientapp_lifetimes(roots: list[int], stop: threading.Event, seen: dict, int
                     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 except OSError:
                     continue
-                if b"flwr-clientapp" in cmdline and stat[0] != "Z":
+                clientapp = b"flwr-clientapp" in cmdline or (pid != root and b"fl_dp.warm_client" in cmdline)
+                if clientapp and stat[0] != "Z":
                     running.add(pid)  # stat field 22: the process's start, in clock ticks since boot
                     seen.setdefault(pid, {"start": int(stat[19]) / CLK_TCK + offset, "root": root})["last"] = now
         for pid, info in seen.items():
@@ -134,7 +143,11 @@ def train_messages(lines: list[tuple[float, str]], node: int) -> list[dict]:
     return [m for m in messages if m["type"] == "train"]
 
 
-def run_deployment(rounds: int, workdir: Path, timeout: float) -> dict:
+def run_deployment(rounds: int, workdir: Path, timeout: float, warm: bool = False, extra: dict | None = None,
+                   node_config: str = "") -> dict:
+    """One run on a fresh loopback deployment; ``warm``: SuperNodes with ``--isolation process``, each
+    served by a warm launcher (``python -m fl_dp.warm_client``) instead of Flower's SuperExec."""
+    workdir.mkdir(parents=True, exist_ok=True)
     home, port, output_dir = workdir / "flwr-home", free_port(), workdir / "run"
     flwr_cli.write_connection(home, "loopback", f"127.0.0.1:{port}", insecure=True)
     env = bench.bench_env(FLWR_HOME=str(home))
@@ -145,20 +158,31 @@ def run_deployment(rounds: int, workdir: Path, timeout: float) -> dict:
             flwr_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1", "--port", str(port), "--database", str(workdir / "superlink.db")],
             env, workdir, started))
+        launchers: dict[int, Stamped] = {}  # SuperNode pid -> its warm launcher
         for i in range(NUM_NODES):
+            runtime_port = free_port()
             processes.append(Stamped(f"supernode-{i}", [
                 flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={NUM_NODES}"],
+                "--port", str(runtime_port), "--node-config",
+                f"partition-id={i} num-partitions={NUM_NODES} {node_config}".strip()]
+                + (["--isolation", "process"] if warm else []),
                 env | FAST_POLL_ENV, workdir, started))  # polling every 0.1 s, as the README runs them
+            if warm:
+                launchers[processes[-1].process.pid] = Stamped(f"warm-client-{i}", [
+                    sys.executable, "-m", "fl_dp.warm_client", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                    "--insecure"], env | FAST_POLL_ENV, workdir, started)
+        nodes = processes[1:]
+        processes.extend(launchers.values())
         flwr_cli.wait_for_nodes("loopback", env, NUM_NODES, timeout=120)
         ready = time.monotonic() - started
         seen: dict[int, dict] = {}
         stop = threading.Event()
         watcher = threading.Thread(target=clientapp_lifetimes, args=([p.process.pid for p in processes[1:]], stop, seen))
+        owner = {launcher.process.pid: node for node, launcher in launchers.items()}  # a launcher's apps: its node's
         watcher.start()
         try:
             submitted = time.monotonic()
-            config = to_flwr(overrides(rounds) | {"output-dir": str(output_dir)})
+            config = to_flwr(overrides(rounds) | (extra or {}) | {"output-dir": str(output_dir)})
             run_id = flwr_cli.submit(str(bench.REPO), "loopback", env, config)
             status = flwr_cli.wait_for_run("loopback", run_id, env, timeout=timeout, poll=1.0)
             run_wall = time.monotonic() - submitted
@@ -166,17 +190,22 @@ def run_deployment(rounds: int, workdir: Path, timeout: float) -> dict:
         finally:
             stop.set()
             watcher.join()
-        apps = [i | {"start": i["start"] - started, "end": i["end"] - started} for i in seen.values() if "end" in i]
-        messages = sorted((m for p in processes[1:] for m in train_messages(p.lines, p.process.pid)),
-                          key=lambda m: m["received"])
+        apps = [i | {"start": i["start"] - started, "end": i["end"] - started, "root": owner.get(i["root"], i["root"])}
+                for i in seen.values() if "end" in i]
+        messages = sorted((m for p in nodes for m in train_messages(
+            sorted(p.lines + (launchers[p.process.pid].lines if p.process.pid in launchers else [])), p.process.pid)),
+            key=lambda m: m["received"])
         for m in messages:  # the flwr-clientapp process that served it (by overlap in time)
             served = [a for a in apps if a["root"] == m["node"] and a["start"] <= m.get("sending", 1e9)
                       and a["end"] >= m.get("app_start", -1e9)]
             if served:
                 m["proc_start"], m["proc_end"] = served[0]["start"], served[0]["end"]
         metrics = bench.read_json(output_dir / "metrics.json", [])
-        return {"status": status, "ready": ready, "run_wall": run_wall, "messages": messages,
-                "round_seconds": [float(r["seconds"]) for r in metrics]}
+        served = {"warm": sum("served warm in forked process" in line for p in launchers.values() for _, line in p.lines),
+                  "cold": sum("runs in a fresh flwr-clientapp process" in line
+                              for p in launchers.values() for _, line in p.lines)}
+        return {"status": status, "ready": ready, "run_wall": run_wall, "messages": messages, "metrics": metrics,
+                "round_seconds": [float(r["seconds"]) for r in metrics], "served": served}
     finally:
         for stamped in reversed(processes):
             bench.kill_tree(stamped.process)
@@ -240,15 +269,88 @@ ServerApp's reply pull wait.
 """
 
 
+WARM_EXTRA = {"dp": "dpsgd", "noise-multiplier": 1.0}  # DP-SGD: Opacus imported per message, epsilons reported
+WARM_NODE_CONFIG = "debug-noise-key='bench'"  # the clients' DP noise reproducible, so accuracies compare exactly
+
+
+def warm_compare(args) -> int:
+    """A (Flower's default isolation) and B (the warm launcher), alternately, ``--pairs`` times."""
+    workdir = Path(tempfile.mkdtemp(prefix="warm-compare-"))
+    print(f"Working in {workdir}", flush=True)
+    runs = []
+    for pair in range(args.pairs):
+        for warm in (False, True):
+            load = bench.wait_for_quiet(args.max_load, args.max_wait)
+            name = f"{'B-warm' if warm else 'A-default'}-{pair + 1}"
+            result = run_deployment(args.rounds, workdir / name, args.timeout, warm=warm, extra=WARM_EXTRA,
+                                    node_config=WARM_NODE_CONFIG)
+            result |= {"name": name, "warm": warm, "pair": pair + 1, "load": (load, bench.load1())}
+            print(f"{name}: {result['status']} rounds {result['round_seconds']} served {result['served']}", flush=True)
+            runs.append(result)
+
+    def later(r):  # rounds 2..n: round 1 also carries the identity query and every node's first message
+        return bench.median(r["round_seconds"][1:]) if len(r["round_seconds"]) > 1 else float("nan")
+
+    def last(r, key):
+        value = r["metrics"][-1].get(key) if r["metrics"] else None
+        return "-" if value is None else f"{value:.6g}"
+
+    rows = [[r["name"], r["status"], " / ".join(f"{x:.2f}" for x in r["round_seconds"]), f"{later(r):.2f}",
+             f"{r['run_wall']:.1f}", f"{r['served']['warm']} / {r['served']['cold']}" if r["warm"] else "-",
+             last(r, "central_accuracy"), last(r, "epsilon"), last(r, "sample_epsilon_max"),
+             f"{r['load'][0]:.1f} / {r['load'][1]:.1f}"] for r in runs]
+    ratios = []
+    for pair in range(1, args.pairs + 1):
+        a, b = (next(r for r in runs if r["pair"] == pair and r["warm"] == w) for w in (False, True))
+        ratios.append([pair, f"{later(b) / later(a):.2f}", f"{sum(b['round_seconds']) / sum(a['round_seconds']):.2f}",
+                       f"{b['run_wall'] / a['run_wall']:.2f}",
+                       "yes" if [m.get("central_accuracy") for m in a["metrics"]] == [m.get("central_accuracy") for m in b["metrics"]]
+                       else "NO",
+                       "yes" if [(m.get("epsilon"), m.get("sample_epsilon_max")) for m in a["metrics"]]
+                       == [(m.get("epsilon"), m.get("sample_epsilon_max")) for m in b["metrics"]] else "NO"])
+    median_ratio = bench.median([float(r[1]) for r in ratios])
+    body = f"""## 2b. Warm ClientApp launcher vs Flower's default isolation (`benchmarks/message_overhead.py --warm-compare`)
+
+{bench.machine()}
+
+The loopback deployment of section 2 ({NUM_NODES} SuperNodes, digits, `mlp`, one train message per
+round, SuperExec polling every 0.1 s), with `dp="dpsgd"` and `noise-multiplier=1.0` (so Opacus is
+imported per message and epsilons are reported) and the clients' `debug-noise-key` (their DP noise
+reproducible, so the accuracies compare exactly), {args.rounds} rounds. A: Flower's default
+isolation (a fresh `flwr-clientapp` process per message). B: SuperNodes with `--isolation process`,
+each served by `python -m fl_dp.warm_client` (fl_dp/warm_client.py). A and B alternate (A B A B ...);
+compare within a pair. Round times from metrics.json (`seconds`); "later rounds" = median of rounds
+2..n. Served warm / cold: the launchers' messages forked from their imports / sent to a fresh process.
+
+```bash
+{bench.command_line()}
+```
+
+{bench.table(["run", "status", "round s", "later rounds s (median)", "submit to finished s", "served warm / cold",
+              "final central accuracy", "final epsilon", "final sample epsilon (max)", "load before / after"], rows)}
+
+{bench.table(["pair", "B/A later rounds", "B/A sum of rounds", "B/A submit to finished", "same accuracy every round",
+              "same epsilons every round"], ratios)}
+
+Median B/A for later rounds: **{median_ratio:.2f}x** (goal <= 0.5x).
+"""
+    bench.publish("warm_client", body, args)
+    return 0 if all(r["status"] == flwr_cli.FINISHED for r in runs) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--warm-compare", action="store_true", help="A/B the warm launcher against the default")
+    parser.add_argument("--pairs", type=int, default=2, help="A B pairs for --warm-compare")
     parser.add_argument("--repeats", type=int, default=5, help="floor measurements")
     parser.add_argument("--timeout", type=float, default=900.0)
     bench.results_arguments(parser)
     args = parser.parse_args()
-    if bench.notes_only("message_overhead", args):
+    if bench.notes_only("warm_client" if args.warm_compare else "message_overhead", args):
         return 0
+    if args.warm_compare:
+        return warm_compare(args)
 
     workdir = Path(tempfile.mkdtemp(prefix="message-overhead-"))
     print(f"Working in {workdir}", flush=True)
