@@ -48,13 +48,13 @@ app = ClientApp(mods=[canary_mod])  # audit canaries (fl-dp audit): a no-op unle
 def _prepare(msg: Message, context: Context):
     config = RunConfig.from_run_config(context.run_config)
     node = NodeConfig.from_node_config(context.node_config)
-    instructions = RoundInstructions.from_record(msg.content["config"])
+    instructions = RoundInstructions.from_record(msg.content.config_records["config"])
     data = load_client_data(config, node, instructions.num_features, instructions.num_classes)
     if instructions.scaling is not None:
         data = data.scaled(instructions.scaling)
     data = with_canary_examples(config, node, data, instructions.num_classes)  # dpsgd audits only
     model = build_model(config.model, instructions.num_features, instructions.num_classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return config, node, instructions, data, model
 
 
@@ -67,7 +67,7 @@ def _reply(msg: Message, arrays: ArrayRecord, metrics: dict, status: str = "") -
 
 def _refuse(msg: Message, reason: str, metrics: dict | None = None) -> Message:
     """Decline the request: the server's model goes back unchanged, with the reason."""
-    arrays = msg.content["arrays"] if "arrays" in msg.content else ArrayRecord()
+    arrays = msg.content.array_records.get("arrays", ArrayRecord())
     return _reply(msg, arrays, {NUM_EXAMPLES: 1, REFUSED: 1} | (metrics or {}), reason)
 
 
@@ -83,8 +83,8 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)
     reply = _train(msg, context, config, node, instructions, data, model, seed)
     if is_malicious(config, node):
-        honest = arrays_from_record(reply.content["arrays"])
-        bad = attack_update(honest, arrays_from_record(msg.content["arrays"]), config, np.random.default_rng(seed))
+        honest = arrays_from_record(reply.content.array_records["arrays"])
+        bad = attack_update(honest, arrays_from_record(msg.content.array_records["arrays"]), config, np.random.default_rng(seed))
         reply.content["arrays"] = _record(bad)
     return reply
 
@@ -93,7 +93,7 @@ def _train(msg, context, config, node, instructions, data, model, seed) -> Messa
     if config.dp == "dpsgd":
         return _train_dpsgd(msg, context, config, node, instructions, data, model)
 
-    global_arrays = arrays_from_record(msg.content["arrays"])
+    global_arrays = arrays_from_record(msg.content.array_records["arrays"])
     train_loss = train_locally(model, data.x_train, data.y_train, config, instructions.proximal_mu, seed)
     new_arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     if config.dp == "none":

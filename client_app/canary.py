@@ -39,7 +39,7 @@ import os
 from typing import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.common import MessageType
 
 from common.config import NodeConfig, RunConfig
@@ -64,7 +64,7 @@ def audit_key() -> bytes:
 
 def real_clients(config: RunConfig, node: NodeConfig) -> int | None:
     """N, the number of real (demo-partition) clients when this run has canary clients, else None."""
-    if config.audit_canaries and config.dp in CANARY_MODES and node.partition_id is not None:
+    if config.audit_canaries and config.dp in CANARY_MODES and node.partition_id is not None and node.num_partitions is not None:
         return node.num_partitions - config.audit_canaries
     return None
 
@@ -75,50 +75,52 @@ def canary_mod(msg: Message, context: Context, call_next: Callable[[Message, Con
     if not config.audit_canaries or config.dp not in CANARY_MODES:
         return call_next(msg, context)
     node = NodeConfig.from_node_config(context.node_config)
-    real = real_clients(config, node)
-    if real is None or msg.metadata.message_type == MessageType.QUERY:
+    real, partition = real_clients(config, node), node.partition_id
+    if real is None or partition is None or msg.metadata.message_type == MessageType.QUERY:
         return call_next(msg, context)
     if real < 1:
         raise ValueError(f"audit-canaries = {config.audit_canaries} leaves no real client among {node.num_partitions}")
-    if node.partition_id < real:  # a real client: same state object, its partition of the N real ones
+    if partition < real:  # a real client: same state object, its partition of the N real ones
         as_real = Context(context.run_id, context.node_id, dict(context.node_config) | {"num-partitions": real},
                           context.state, context.run_config)
         return call_next(msg, as_real)
-    return _canary_reply(msg, config, node.partition_id - real, node.partition_id % real, real)
+    return _canary_reply(msg, config, partition - real, partition % real, real)
 
 
 def _canary_reply(msg: Message, config: RunConfig, index: int, stand_in: int, real: int) -> Message:
     from common.privacy.audit import canary_direction, canary_included
 
     if msg.metadata.message_type == MessageType.EVALUATE:
-        metrics = eval_metrics(0, 0.0, 0.0) if config.dp == "none" else MetricRecord({REFUSED: 1})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        declined = eval_metrics(0, 0.0, 0.0) if config.dp == "none" else MetricRecord({REFUSED: 1})
+        return Message(RecordDict({"metrics": declined}), reply_to=msg)
     key = audit_key()
-    arrays = msg.content["arrays"]
+    arrays = msg.content.array_records["arrays"]
     if not canary_included(key, index):
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord({NUM_EXAMPLES: 1, REFUSED: 1}),
                               "status": ConfigRecord({"reason": HELD_OUT})})
         return Message(content, reply_to=msg)
-    instructions = RoundInstructions.from_record(msg.content["config"])
+    instructions = RoundInstructions.from_record(msg.content.config_records["config"])
     clip = instructions.clipping_norm or config.clipping_norm
     size = sum(array.numpy().size for array in arrays.values())
     norm = clip * (1 - 1e-6) if config.dp == "client" else OVERSHOOT * clip
     step = norm * canary_direction(key, index, size)
-    new, offset = {}, 0
+    canary_arrays, offset = {}, 0
     for name, array in arrays.items():
         value = array.numpy()
-        new[name] = (value.astype(np.float64) + step[offset : offset + value.size].reshape(value.shape)).astype(value.dtype)
+        canary_arrays[name] = (value.astype(np.float64) + step[offset : offset + value.size].reshape(value.shape)).astype(value.dtype)
         offset += value.size
-    metrics = {NUM_EXAMPLES: 1}
+    metrics: dict[str, MetricRecordValues] = {NUM_EXAMPLES: 1}
     if config.dp == "client":
         metrics[UNCLIPPED] = 0
     if config.dp == "none":  # FedAvg needs the same metric keys from every reply
         metrics[NUM_EXAMPLES], metrics[TRAIN_LOSS] = _stand_in(config, stand_in, real, instructions, arrays)
-    record = ArrayRecord({name: Array(np.asarray(value, order="C")) for name, value in new.items()})
+    record = ArrayRecord({name: Array(np.asarray(value, order="C")) for name, value in canary_arrays.items()})
     return Message(RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def _stand_in(config: RunConfig, partition: int, real: int, instructions: RoundInstructions, arrays: ArrayRecord):
+def _stand_in(
+    config: RunConfig, partition: int, real: int, instructions: RoundInstructions, arrays: ArrayRecord
+) -> tuple[int, float]:
     """``none``: the example count of real partition ``partition`` and the global model's loss on it,
     so the canary's reply looks like a client's (and FedAvg weighs it like one)."""
     from common.data.client_data import load_client_data

@@ -50,7 +50,10 @@ class PrivacyStore:
     def load(self) -> dict[str, Any] | None:
         in_state = None
         if STATE_KEY in self.context.state:
-            in_state = json.loads(self.context.state[STATE_KEY]["json"])
+            text = self.context.state.config_records[STATE_KEY]["json"]
+            if not isinstance(text, str):
+                raise TypeError(f"context.state[{STATE_KEY!r}]['json'] holds {type(text).__name__}, not the JSON text save() writes")
+            in_state = json.loads(text)
         on_disk = None
         if self.path and os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as handle:
@@ -62,9 +65,9 @@ class PrivacyStore:
         self.context.state[STATE_KEY] = ConfigRecord({"json": text})
         if self.path:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.tmp"
-            with open(tmp, "w", encoding="utf-8") as handle:
+            partial_path = f"{self.path}.tmp"
+            with open(partial_path, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
+            os.replace(partial_path, self.path)

@@ -35,9 +35,10 @@ class MomentumSGD:
                 continue
             step = p.grad
             if self.momentum != 0:
-                if self.buffers[i] is None:
-                    self.buffers[i] = torch.clone(step).detach()
+                momentum_buffer = self.buffers[i]
+                if momentum_buffer is None:
+                    momentum_buffer = self.buffers[i] = torch.clone(step).detach()
                 else:
-                    self.buffers[i].mul_(self.momentum).add_(step)
-                step = self.buffers[i]
+                    momentum_buffer.mul_(self.momentum).add_(step)
+                step = momentum_buffer
             p.add_(step, alpha=-self.lr)

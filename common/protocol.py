@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import ConfigRecord, ConfigRecordValues, MetricRecord
 
 from common.data.scaling import FeatureScaling
 
@@ -35,7 +35,7 @@ class RoundInstructions:
     scaling: FeatureScaling | None = None  # users' tables: standardise with the server's held-out statistics
 
     def to_record(self) -> ConfigRecord:
-        record = {
+        record: dict[str, ConfigRecordValues] = {
             "server-round": self.server_round,
             "num-features": self.num_features,
             "num-classes": self.num_classes,
@@ -49,16 +49,31 @@ class RoundInstructions:
     def from_record(cls, record: ConfigRecord) -> "RoundInstructions":
         # FedProx adds "proximal-mu" to the config it sends; other strategies do not.
         return cls(
-            server_round=int(record["server-round"]),
-            num_features=int(record["num-features"]),
-            num_classes=int(record["num-classes"]),
-            proximal_mu=float(record.get("proximal-mu", 0.0)),
-            clipping_norm=float(record.get("clipping-norm", 0.0)),
+            server_round=int(_number(record, "server-round")),
+            num_features=int(_number(record, "num-features")),
+            num_classes=int(_number(record, "num-classes")),
+            proximal_mu=_number(record, "proximal-mu", 0.0),
+            clipping_norm=_number(record, "clipping-norm", 0.0),
             scaling=(
-                FeatureScaling(tuple(record["feature-shift"]), tuple(record["feature-scale"]))
+                FeatureScaling(_numbers(record, "feature-shift"), _numbers(record, "feature-scale"))
                 if "feature-shift" in record else None
             ),
         )
+
+
+def _number(record: ConfigRecord, key: str, default: float | None = None) -> float:
+    """The scalar ``key`` (``default`` when absent and one is given; else a KeyError)."""
+    value = record[key] if default is None else record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"round instructions: {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _numbers(record: ConfigRecord, key: str) -> tuple[float, ...]:
+    value = record[key]
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"round instructions: {key!r} must be a list of numbers, got {value!r}")
+    return tuple(float(v) for v in value)
 
 
 def eval_metrics(num_examples: int, loss: float, accuracy: float) -> MetricRecord:

@@ -49,15 +49,15 @@ def write_connection(
     insecure: bool = False,
 ) -> None:
     """Add connection ``name`` to ``flwr_home/config.toml`` (TLS unless ``insecure``)."""
-    if not insecure and not root_certificates:
+    if insecure:
+        security = "insecure = true"
+    elif root_certificates:
+        security = f'root-certificates = "{Path(root_certificates).resolve()}"'
+    else:
         raise ValueError("give the CA certificate (root_certificates) or opt into insecure=True explicitly")
     home = Path(flwr_home)
     home.mkdir(parents=True, exist_ok=True)
-    lines = [f'[superlink.{name}]', f'address = "{address}"']
-    if insecure:
-        lines.append("insecure = true")
-    else:
-        lines.append(f'root-certificates = "{Path(root_certificates).resolve()}"')
+    lines = [f'[superlink.{name}]', f'address = "{address}"', security]
     config = home / "config.toml"
     existing = config.read_text() if config.exists() else f'[superlink]\ndefault = "{name}"\n'
     config.write_text(existing.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")

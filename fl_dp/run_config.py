@@ -12,12 +12,13 @@ the value and what to write instead. The ServerApp keeps its own check for plain
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # Python 3.10
     import tomli as tomllib
 
 from common.config import ConfigError, RunConfig

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Install the app with its pinned dependencies into .venv (if needed) and run the test suite.
-# Extra arguments go to pytest, e.g. ./scripts/test.sh -k config
+# Install the app with its pinned dependencies into .venv (if needed), lint (ruff), type-check
+# (mypy, configured in pyproject.toml) and run the test suite; a lint or type error stops it
+# before any test runs. Extra arguments go to pytest, e.g. ./scripts/test.sh -k config
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m ruff check --quiet . || {
+    echo "test.sh: ruff found lint errors (listed above); fix them (many: ruff check --fix .) before the tests run" >&2
+    exit 1
+}
+.venv/bin/python -m mypy || {
+    echo "test.sh: mypy found type errors (listed above); fix them before the tests run" >&2
+    exit 1
+}
 exec .venv/bin/python -m pytest -q "$@"

@@ -27,9 +27,9 @@ def round_file(output_dir: str, server_round: int) -> str:
 def _write(output_dir: str, server_round: int, arrays: ArrayRecord) -> None:
     path = round_file(output_dir, server_round)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{name: array.numpy() for name, array in arrays.items()})
-    os.replace(tmp, path)
+    partial_path = path + ".tmp.npz"
+    np.savez(partial_path, allow_pickle=False, **{name: array.numpy() for name, array in arrays.items()})
+    os.replace(partial_path, path)
 
 
 def keeping_models(output_dir: str, then: Callable[[int, ArrayRecord], None], initial: ArrayRecord,

@@ -87,12 +87,12 @@ def _layout(arrays: list) -> str:
 
 def _write_private(path: str, data: bytes) -> None:
     """Atomic write of a file only its owner can read (0600 from creation, never world-readable)."""
-    tmp = f"{path}.tmp"
-    with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as handle:
+    partial_path = f"{path}.tmp"
+    with os.fdopen(open_private(partial_path, os.O_WRONLY | os.O_TRUNC), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    os.replace(partial_path, path)
 
 
 def _sync_directory(path: str) -> None:
@@ -117,7 +117,7 @@ def save_checkpoint(output_dir: str, checkpoint: Checkpoint) -> None:
         name: np.asarray(value) for name, value in checkpoint.arrays.items()
     }
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, allow_pickle=False, **arrays)  # load_checkpoint reads with allow_pickle=False
     data = buffer.getvalue()
     npz_name = f"checkpoint-{checkpoint.completed_rounds:06d}.npz"
     atomic_write(os.path.join(output_dir, npz_name), data)

@@ -82,7 +82,8 @@ def install() -> bool:
             cls.get_message_ins = _wrap_get(cls.get_message_ins)
         engine = sys.modules.get(ENGINE)
         if engine is not None and not getattr(engine.add_messages_to_queue, _MARK, False):
-            engine.add_messages_to_queue = _wrap_sweep(engine.add_messages_to_queue, cls)
+            # setattr: mypy lets code read a module's unknown attributes, not assign them
+            setattr(engine, "add_messages_to_queue", _wrap_sweep(engine.add_messages_to_queue, cls))
     log(DEBUG, "linkstate_index: the simulation engine's sweep skips nodes with nothing pending")
     return True
 

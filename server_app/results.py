@@ -46,16 +46,16 @@ def _json_safe(value: Any) -> Any:
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as handle:
+    partial_path = f"{path}.tmp"
+    with open(partial_path, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    os.replace(partial_path, path)
 
 
-def write_json(path: str, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+def write_json(path: str, document: Any) -> None:
+    atomic_write(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
 class RunRecorder:
@@ -179,7 +179,7 @@ class _figure:
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
             self.fig.tight_layout()
-            tmp = self.path[:-4] + ".tmp.png"
-            self.fig.savefig(tmp, dpi=100)
-            os.replace(tmp, self.path)
+            partial_path = self.path[:-4] + ".tmp.png"
+            self.fig.savefig(partial_path, dpi=100)
+            os.replace(partial_path, self.path)
         self.plt.close(self.fig)

@@ -21,7 +21,8 @@ def reply_problem(message: Message, reference: dict[str, np.ndarray]) -> str | N
         return "the reply has no 'arrays' record"
     if "metrics" not in content.metric_records or NUM_EXAMPLES not in content["metrics"]:
         return f"the reply has no '{NUM_EXAMPLES}' metric"
-    arrays = content["arrays"]
+    arrays = content.array_records["arrays"]
+    num_examples = content.metric_records["metrics"][NUM_EXAMPLES]
     missing = sorted(set(reference) - set(arrays.keys()))
     extra = sorted(set(arrays.keys()) - set(reference))
     if missing or extra:
@@ -35,6 +36,6 @@ def reply_problem(message: Message, reference: dict[str, np.ndarray]) -> str | N
             )
         if not np.all(np.isfinite(value)):
             return f"array {name!r} contains NaN or Inf"
-    if not float(content["metrics"][NUM_EXAMPLES]) > 0:
-        return f"'{NUM_EXAMPLES}' must be positive"
+    if isinstance(num_examples, list) or not num_examples > 0:
+        return f"'{NUM_EXAMPLES}' must be a positive number"
     return None

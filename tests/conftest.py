@@ -33,14 +33,14 @@ def federation_run(tmp_path_factory):
     the same run (e.g. a strategy's clean baseline) share it."""
     from inprocess import run_inprocess
 
-    done: dict[tuple, object] = {}
+    runs_by_settings: dict[tuple, object] = {}
 
     def run(num_clients: int = 10, **overrides):
         """The output directory of the run with these run-config overrides."""
         key = (num_clients, *sorted(overrides.items()))
-        if key not in done:
+        if key not in runs_by_settings:
             out = tmp_path_factory.mktemp("federation")
-            done[key] = run_inprocess({"output-dir": str(out)} | overrides, num_clients=num_clients)
-        return done[key]
+            runs_by_settings[key] = run_inprocess({"output-dir": str(out)} | overrides, num_clients=num_clients)
+        return runs_by_settings[key]
 
     return run

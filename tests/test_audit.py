@@ -95,10 +95,10 @@ def test_lower_bound_of_a_gaussian_mechanism_stays_below_its_epsilon():
 
 
 def test_canaries_come_from_the_key():
-    bits = [audit.canary_included(KEY, i) for i in range(1000)]
-    assert 430 < sum(bits) < 570
-    assert bits == [audit.canary_included(KEY, i) for i in range(1000)]
-    assert bits != [audit.canary_included(bytes(32), i) for i in range(1000)]
+    included = [audit.canary_included(KEY, i) for i in range(1000)]
+    assert 430 < sum(included) < 570
+    assert included == [audit.canary_included(KEY, i) for i in range(1000)]
+    assert included != [audit.canary_included(bytes(32), i) for i in range(1000)]
     c = audit.canary_direction(KEY, 3, 100)
     assert np.linalg.norm(c) == pytest.approx(1.0) and np.array_equal(c, audit.canary_direction(KEY, 3, 100))
 

@@ -16,8 +16,8 @@ ROWS = "0.5,1.0,2.0,1\n0.1,0.2,0.3,0\n"
 
 
 def _text(content: str, name: str = "data.csv", encoding: str = "utf-8"):
-    def make(tmp):
-        path = tmp / name
+    def make(directory):
+        path = directory / name
         path.write_bytes(content.encode(encoding))
         return path
 
@@ -25,8 +25,8 @@ def _text(content: str, name: str = "data.csv", encoding: str = "utf-8"):
 
 
 def _raw(data: bytes, name: str):
-    def make(tmp):
-        path = tmp / name
+    def make(directory):
+        path = directory / name
         path.write_bytes(data)
         return path
 
@@ -34,44 +34,49 @@ def _raw(data: bytes, name: str):
 
 
 def _npz(**arrays):
-    def make(tmp):
-        path = tmp / "data.npz"
+    def make(directory):
+        path = directory / "data.npz"
         np.savez(path, **arrays)
         return path
 
     return make
 
 
-def _truncated_npz(tmp):
-    path = tmp / "data.npz"
+def _truncated_npz(directory):
+    path = directory / "data.npz"
     np.savez(path, x=np.zeros((50, 4)), y=np.zeros(50))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     return path
 
 
-def _object_npz(tmp):
-    path = tmp / "data.npz"
+def _object_npz(directory):
+    path = directory / "data.npz"
     np.savez(path, x=np.array([[1.0], [{"a": 1}]], dtype=object), y=np.zeros(2))
     return path
 
 
-def _zip_of_text(tmp):
-    path = tmp / "data.npz"
+def _zip_of_text(directory):
+    path = directory / "data.npz"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("x.npy", "not an array")
         archive.writestr("y.npy", "not an array either")
     return path
 
 
-def _directory(tmp):
-    path = tmp / "data.csv"
+def _directory(directory):
+    path = directory / "data.csv"
     path.mkdir()
     return path
 
 
-def _unreadable(tmp):
-    path = _text(HEADER + ROWS)(tmp)
+def _npy_as_npz(directory):
+    np.save(directory / "a.npy", np.zeros((3, 4)))
+    return (directory / "a.npy").rename(directory / "data.npz")
+
+
+def _unreadable(directory):
+    path = _text(HEADER + ROWS)(directory)
     path.chmod(0)
     return path
 
@@ -80,7 +85,7 @@ X = np.zeros((3, 4))
 Y = np.array([0, 1, 2])
 CASES = {
     # file system
-    "missing file": (lambda tmp: tmp / "nope.csv", "no such file"),
+    "missing file": (lambda directory: directory / "nope.csv", "no such file"),
     "a directory": (_directory, "is a directory, not a file"),
     "unreadable (permissions)": (_unreadable, "permission denied"),
     "0-byte csv": (_text(""), "the file is empty (0 bytes)"),
@@ -119,7 +124,7 @@ CASES = {
     "blank lines are skipped, lines still counted": (_text(HEADER + "\n0.5,1.0,2.0,1\n\n0.5,1.0,2.0,x\n"), "line 5, column 4"),
     # NPZ
     "CSV saved as .npz": (_text(HEADER + ROWS, "data.npz"), "is not an NPZ file: it holds text"),
-    "a .npy saved as .npz": (lambda tmp: (np.save(tmp / "a.npy", X), (tmp / "a.npy").rename(tmp / "data.npz"))[1], "single .npy array"),
+    "a .npy saved as .npz": (_npy_as_npz, "single .npy array"),
     "random bytes as .npz": (_raw(b"\x00\x01\x02garbage" * 10, "data.npz"), "does not start with a zip header"),
     "truncated NPZ": (_truncated_npz, "is not a complete NPZ file (truncated or corrupt"),
     "zip of non-arrays": (_zip_of_text, "array 'x' holds byte strings"),

@@ -17,16 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(**overrides):
-    return lambda tmp: RunConfig.from_run_config({k.replace("_", "-"): v for k, v in overrides.items()})
+    return lambda directory: RunConfig.from_run_config({k.replace("_", "-"): v for k, v in overrides.items()})
 
 
 def _node(node_config):
-    return lambda tmp: NodeConfig.from_node_config(node_config)
+    return lambda directory: NodeConfig.from_node_config(node_config)
 
 
 def _client_file(content: str, name="mine.csv", num_features=64):
-    def load(tmp):
-        path = tmp / name
+    def load(directory):
+        path = directory / name
         path.write_text(content)
         return load_client_data(RunConfig(), NodeConfig(data_path=str(path)), num_features, 10)
 
@@ -34,17 +34,17 @@ def _client_file(content: str, name="mine.csv", num_features=64):
 
 
 def _resume(saved_config: dict, now: dict):
-    def load(tmp):
+    def load(directory):
         if saved_config:
-            save_checkpoint(str(tmp), Checkpoint(1, {}, {}, {}, [{"round": 1}], saved_config, 1.0))
-        return load_checkpoint(str(tmp), now)
+            save_checkpoint(str(directory), Checkpoint(1, {}, {}, {}, [{"round": 1}], saved_config, 1.0))
+        return load_checkpoint(str(directory), now)
 
     return load
 
 
 def _ca_file(content: str | None):
-    def check(tmp):
-        path = tmp / "ca.crt"
+    def check(directory):
+        path = directory / "ca.crt"
         if content is not None:
             path.write_text(content)
         done = subprocess.run(
@@ -75,7 +75,7 @@ CASES = {
     "relative data path": (_node({"data-path": "data.csv"}), ConfigError, "not an absolute path"),
     "partition out of range": (_node({"partition-id": 3, "num-partitions": 3}), ConfigError, "valid values are 0..2"),
     # a client's data file
-    "missing file": (lambda tmp: load_client_data(RunConfig(), NodeConfig(data_path=str(tmp / "x.csv")), 64, 10),
+    "missing file": (lambda directory: load_client_data(RunConfig(), NodeConfig(data_path=str(directory / "x.csv")), 64, 10),
                      DataFileError, "no such file"),
     "empty file": (_client_file(HEADER), DataFileError, "header but no rows"),
     "no label column": (_client_file("a,b\n1,2\n"), DataFileError, "no 'label' column"),
@@ -88,7 +88,7 @@ CASES = {
         _resume({"num-server-rounds": 5, "target-epsilon": 3.0}, {"num-server-rounds": 8, "target-epsilon": 3.0}),
         ConfigError, "the noise multiplier was solved from target-epsilon = 3.0 for 5 rounds"),
     "resume an old pickle checkpoint": (
-        lambda tmp: (tmp / "checkpoint.pkl").write_bytes(b"\x80\x04.") and load_checkpoint(str(tmp), {}),
+        lambda directory: (directory / "checkpoint.pkl").write_bytes(b"\x80\x04.") and load_checkpoint(str(directory), {}),
         CheckpointError, "written by an older version of this app"),
     # certificates
     "missing CA file": (_ca_file(None), ValueError, "no such file; pass the ca.crt"),

@@ -2,9 +2,10 @@
 
 Preparing data can cost seconds (MNIST-1D generation, partitioning tens of thousands of
 rows), and in deployment every message runs in a fresh process. The result depends only
-on the settings, so it is stored once under a key derived from them and memory-mapped
-back. Writes go to a temporary file and are renamed, so concurrent clients never read half
-a file. Set ``FL_DP_CACHE`` to move the cache (default ``~/.cache/fl-dp``); delete it freely.
+on the settings, so it is stored once under a key derived from them and read back whole
+(an uncompressed ``.npz``: ``np.load`` cannot memory-map an archive, so every array is
+copied into memory on each read). Writes go to a temporary file and are renamed, so
+concurrent clients never read half a file. Set ``FL_DP_CACHE`` to move the cache (default ``~/.cache/fl-dp``); delete it freely.
 A caller may write to a cache of its own instead (the ServerApp: under ``output-dir``) and still
 read entries the shared cache already holds.
 """
@@ -49,10 +50,10 @@ def cached_arrays(
     path = os.path.join(write_root, f"{key}.npz")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
+        handle, partial_path = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
         with os.fdopen(handle, "wb") as out:
-            np.savez(out, **arrays)
-        os.replace(tmp, path)
+            np.savez(out, allow_pickle=False, **arrays)  # plain arrays only: _read refuses pickles
+        os.replace(partial_path, path)
     except OSError:
         pass  # a read-only home still works, just without the cache
     return arrays

@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from common.config import NodeConfig, RunConfig
+from common.config import ConfigError, NodeConfig, RunConfig
 from common.data.cache import cached_arrays
 from common.data.datasets import Dataset, load_dataset, load_file
 from common.data.files import DataFileError, load_table
@@ -56,8 +56,8 @@ def _partition_key(config: RunConfig, num_partitions: int) -> str:
         f"{config.partitioner}|{config.dirichlet_alpha}|{config.classes_per_client}|{num_partitions}"
     )
     if config.dataset_path:  # a user's table: the cache follows its content's identity too
-        info = os.stat(config.dataset_path)
-        key += f"|{os.path.realpath(config.dataset_path)}|{info.st_size}|{info.st_mtime_ns}"
+        file_stat = os.stat(config.dataset_path)
+        key += f"|{os.path.realpath(config.dataset_path)}|{file_stat.st_size}|{file_stat.st_mtime_ns}"
     return key
 
 
@@ -94,10 +94,13 @@ def load_client_data(config: RunConfig, node: NodeConfig, num_features: int, num
                 "--node-config \"data-path=<absolute path of its CSV/NPZ>\", or simulate with "
                 "dataset-path=<absolute path of one table to partition>"
             )
+        partition_id, num_partitions = node.partition_id, node.num_partitions
+        if partition_id is None or num_partitions is None:  # NodeConfig.from_node_config refuses this too
+            raise ConfigError("node config needs either data-path or both partition-id and num-partitions")
         data = _cached_dataset(config)
-        rows = partition_rows(config, node.num_partitions, node.partition_id)
+        rows = partition_rows(config, num_partitions, partition_id)
         x, y = data.x[rows], data.y[rows]
-        seed = config.seed + 1 + node.partition_id
+        seed = config.seed + 1 + partition_id
     where = node.data_path or f"partition {node.partition_id}"
     if x.shape[1] != num_features:
         raise DataFileError(

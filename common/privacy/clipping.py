@@ -16,7 +16,7 @@ only divides when ``norm > C > 0``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -120,7 +120,7 @@ def gaussian_noise_like(delta: Mapping[str, np.ndarray], std: float, rng: "Secre
     }
 
 
-def fixed_denominator_mean(updates: list[Mapping[str, np.ndarray]], denominator: float) -> Arrays:
+def fixed_denominator_mean(updates: Sequence[Mapping[str, np.ndarray]], denominator: float) -> Arrays:
     """Unweighted sum of (already clipped) updates divided by a FIXED ``denominator``.
 
     With the denominator set to the EXPECTED number of sampled clients m (not the number of

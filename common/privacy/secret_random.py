@@ -58,8 +58,11 @@ _ZEROS = bytes(CHUNK)
 NORMAL_BLOCK = 1 << 16  # polar-method candidate pairs per pass: ~2x faster than one big pass
 
 
-def _count(size) -> tuple[tuple[int, ...], int]:
-    shape = (int(size),) if np.isscalar(size) else tuple(int(s) for s in size)
+Size = int | Sequence[int]  # an array shape, or one dimension (NumPy's ``size``)
+
+
+def _count(size: Size) -> tuple[tuple[int, ...], int]:
+    shape = tuple(int(s) for s in size) if isinstance(size, Sequence) else (int(size),)
     if any(s < 0 for s in shape):
         raise ValueError(f"negative dimension in {size!r}")
     return shape, math.prod(shape)
@@ -95,26 +98,26 @@ class SecretRandom:
     def random_bytes(self, n: int) -> np.ndarray:
         """The next ``n`` keystream bytes (uint8), encrypted in cache-sized chunks into one buffer."""
         buffer = np.empty(n + BLOCK, dtype=np.uint8)  # update_into wants block - 1 spare bytes
-        zeros = memoryview(_ZEROS)
+        zeros, target = memoryview(_ZEROS), buffer.data  # memoryviews: slicing them copies nothing
         for start in range(0, n, CHUNK):
             length = min(CHUNK, n - start)
-            self._stream.update_into(zeros[:length], buffer[start : start + length + BLOCK - 1])
+            self._stream.update_into(zeros[:length], target[start : start + length + BLOCK - 1])
         self._position += n
         return buffer[:n]
 
     def _uint64(self, count: int) -> np.ndarray:
         return self.random_bytes(8 * count).view("<u8").astype(np.uint64, copy=False)
 
-    def uniform(self, size) -> np.ndarray:
+    def uniform(self, size: Size) -> np.ndarray:
         """float64 in [0, 1), each with 53 random bits: (r >> 11) * 2^-53."""
         shape, count = _count(size)
-        bits = self._uint64(count)
-        np.right_shift(bits, np.uint64(11), out=bits)
-        out = bits.astype(np.float64)  # exact: < 2^53
+        words = self._uint64(count)
+        np.right_shift(words, np.uint64(11), out=words)
+        out = words.astype(np.float64)  # exact: < 2^53
         out *= 2.0**-53
         return out.reshape(shape)
 
-    def bernoulli(self, p: float, size) -> np.ndarray:
+    def bernoulli(self, p: float, size: Size) -> np.ndarray:
         """bool array with P(True) = p (to 2^-53), e.g. Poisson sampling of clients or examples."""
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {p}")
@@ -138,13 +141,13 @@ class SecretRandom:
         pool = list(items)
         if not 0 <= k <= len(pool):
             raise ValueError(f"k must be in [0, {len(pool)}], got {k}")
-        offsets = self.below(np.arange(len(pool), len(pool) - k, -1)) if k else []
+        offsets: np.ndarray | list[int] = self.below(np.arange(len(pool), len(pool) - k, -1)) if k else []
         for i, offset in enumerate(offsets):
             j = i + int(offset)
             pool[i], pool[j] = pool[j], pool[i]
         return pool[:k]
 
-    def standard_normal(self, size) -> np.ndarray:
+    def standard_normal(self, size: Size) -> np.ndarray:
         """float64 N(0, 1) by Marsaglia's polar method (both outputs of each pair used).
 
         (u, v) uniform in the square [-1, 1)^2, kept if 0 < s = u^2 + v^2 < 1 (probability
@@ -155,9 +158,9 @@ class SecretRandom:
         shape, count = _count(size)
         pairs = (count + 1) // 2
         out = np.empty(2 * pairs)
-        done = 0
-        while done < pairs:  # blocks of <= NORMAL_BLOCK candidates: temporaries stay in cache
-            candidates = min(int(1.3 * (pairs - done)) + 32, NORMAL_BLOCK)
+        pairs_filled = 0
+        while pairs_filled < pairs:  # blocks of <= NORMAL_BLOCK candidates: temporaries stay in cache
+            candidates = min(int(1.3 * (pairs - pairs_filled)) + 32, NORMAL_BLOCK)
             uv = self.uniform(2 * candidates)
             uv *= 2.0
             uv -= 1.0  # exact: multiples of 2^-52 in [-1, 1)
@@ -165,17 +168,17 @@ class SecretRandom:
             s = u * u
             s += v * v
             keep = (s > 0.0) & (s < 1.0)
-            u, v, s = (np.compress(keep, a)[: pairs - done] for a in (u, v, s))
+            u, v, s = (np.compress(keep, a)[: pairs - pairs_filled] for a in (u, v, s))
             factor = np.log(s)
             factor *= -2.0
             factor /= s
             np.sqrt(factor, out=factor)
-            np.multiply(u, factor, out=out[done : done + len(s)])
-            np.multiply(v, factor, out=out[pairs + done : pairs + done + len(s)])
-            done += len(s)
+            np.multiply(u, factor, out=out[pairs_filled : pairs_filled + len(s)])
+            np.multiply(v, factor, out=out[pairs + pairs_filled : pairs + pairs_filled + len(s)])
+            pairs_filled += len(s)
         return out[:count].reshape(shape)
 
-    def gaussian(self, shape, std: float) -> np.ndarray:
+    def gaussian(self, shape: Size, std: float) -> np.ndarray:
         """float64 N(0, std^2) per coordinate as (d1 + d2 + d3 + d4) / 2, di ~ N(0, std^2) (see module)."""
         if not std >= 0.0:
             raise ValueError(f"std must be >= 0, got {std}")
@@ -190,7 +193,7 @@ class SecretRandom:
         out /= 2.0
         return out.reshape(shape)
 
-    def discrete_laplace(self, shape, scale: float) -> np.ndarray:
+    def discrete_laplace(self, shape: Size, scale: float) -> np.ndarray:
         """int64 with P(k) ~ exp(-|k| / scale): G1 - G2, G geometric with P(G >= k) = exp(-k / scale)."""
         if not scale >= 0.0:
             raise ValueError(f"scale must be >= 0, got {scale}")
