@@ -295,6 +295,7 @@ def summary_line(report: dict, output_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     from client_app.canary import AUDIT_KEY_ENV, CANARY_MODES
     from fl_dp import simulate
+    from fl_dp.runtime import RUNTIME_ENV
 
     parser = argparse.ArgumentParser(
         prog="fl-dp audit", description=__doc__, formatter_class=HelpFormatter, epilog=outcome.__doc__
@@ -328,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
 
     key = os.urandom(32)  # fresh for every audit: directions and inclusion bits
     os.environ[AUDIT_KEY_ENV] = key.hex()  # the simulation's processes inherit it
+    # ... which they can only if this command starts them: a shared runtime (fl-dp sweep's, or a warm one)
+    # was started with another environment, and its processes must never see this key.
+    os.environ[RUNTIME_ENV] = "none"
     started = time.monotonic()
     code = simulate.main([
         "--num-clients", str(nodes), "--run-config", run_config, "--output-dir", str(output_dir),

@@ -5,6 +5,7 @@
     fl-dp submit     submit to a running SuperLink and wait for the run
     fl-dp audit      a simulated run with canaries: a measured lower bound on epsilon beside the ledger's
     fl-dp certs      a CA, the SuperLink's certificate and SuperNode keys for TLS
+    fl-dp runtime    start|stop|status a warm simulation runtime (SuperLink + Ray) kept between commands
 
 `fl-dp <command> --help` shows each command's options with their defaults. Every launcher
 exits 0 only when every planned round ran; see `fl-dp simulate --help` for the other codes.
@@ -51,7 +52,15 @@ def _audit(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"simulate": _simulate, "sweep": _sweep, "submit": _submit, "certs": _certs, "audit": _audit}
+def _runtime(argv: list[str]) -> int:
+    """A warm simulation runtime (SuperLink + Ray head) between commands: opt in, start and stop it yourself."""
+    from fl_dp.runtime_cli import main
+
+    return main(argv)
+
+
+COMMANDS = {"simulate": _simulate, "sweep": _sweep, "submit": _submit, "certs": _certs, "audit": _audit,
+            "runtime": _runtime}
 
 
 def main(argv: list[str] | None = None) -> int:

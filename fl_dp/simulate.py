@@ -2,10 +2,13 @@
 """Run a simulated federation through Flower's own runtime (`flwr run`) and clean up after it.
 
 Flower's managed local SuperLink keeps running in the background after `flwr run`, on a
-machine-wide port. This script instead starts a private simulation SuperLink on free
-loopback ports with a private FLWR_HOME, submits the app with `flwr run --stream`, checks
-the run's final status (`flwr run --stream` exits 0 even when the run failed), and always
-stops the SuperLink it started. Exit code 0 only when every planned round ran (see below).
+machine-wide port. This command instead starts a private simulation SuperLink on free
+loopback ports with a private FLWR_HOME, and with it a Ray head that the simulation connects
+to (Ray's start then overlaps the SuperLink's and the submission), submits the app with
+`flwr run --stream`, checks the run's final status (`flwr run --stream` exits 0 even when
+the run failed), and always stops what it started (also on Ctrl-C and SIGTERM). Under
+`fl-dp sweep`, or after `fl-dp runtime start`, it submits to that shared runtime instead.
+Exit code 0 only when every planned round ran (see below).
 
     fl-dp simulate --num-clients 10 --run-config "num-server-rounds=5"
 """
@@ -14,85 +17,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from fl_dp import outcome
 from fl_dp.help import HelpFormatter
 from fl_dp.run_config import RunConfigError, parse_overrides, to_flwr, validate
+from fl_dp.runtime import FAST_POLL_ENV, QUIET_ENV, Runtime, attached, flwr_bin, free_port, sigterm_as_exit  # noqa: F401
 from server_app.output_dir import run_files
 
 APP_DIR = Path(__file__).resolve().parent.parent
 APP_PARTS = ("pyproject.toml", "common", "client_app", "server_app")
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "RAY_DEDUP_LOGS": "0",
-}
-# The SuperLink's SuperExec looks for the submitted run every 0.1 s instead of every 1 s.
-FAST_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def flwr_bin(name: str) -> str:
-    """The Flower executables of this interpreter's environment (works without activating a venv)."""
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else name
-
-
-def wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"flower-superlink exited with code {process.returncode}; see {log_file}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"flower-superlink did not become ready within {timeout:.0f}s; see {log_file}")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process and everything it started (its session), then SIGKILL what lingers."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def stage_app(home: Path) -> Path:
-    """A copy of just the app under ``home``: what `flwr run` bundles.
+def stage_app(staged: Path) -> Path:
+    """A copy of just the app in ``staged`` (a new directory): what `flwr run` bundles.
 
     Flower 1.41 builds the bundle by walking every file under the app directory (the
     ~47,000 files of a local `.venv/` included) before applying `.gitignore`: ~2.5 s per
     submission. The copy holds only what the bundle would contain anyway.
     """
-    staged = home / "app"
-    staged.mkdir()
+    staged.mkdir(parents=True, exist_ok=True)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     for part in APP_PARTS:
         source = APP_DIR / part
@@ -103,16 +52,62 @@ def stage_app(home: Path) -> Path:
     return staged
 
 
-def run_status(env: dict, run_id: str) -> str:
-    out = subprocess.run(
-        [flwr_bin("flwr"), "ls", "sim", "--run-id", run_id, "--format", "json"],
-        env=env, capture_output=True, text=True, check=False,
-    )
-    try:
-        runs = json.loads(out.stdout)["runs"]
-        return runs[0]["status"]
-    except (ValueError, KeyError, IndexError):
-        return f"unknown ({out.stdout.strip() or out.stderr.strip()})"
+# Flower's CLI (`flwr ...`) in a process that imports it first and then waits for its arguments (one JSON
+# line on stdin): started early, its ~1-2 s of imports overlap other work (the SuperLink's start, the
+# run's teardown) instead of following it.
+PREPARED_FLWR = (
+    "import json, sys\n"
+    "from flwr.cli.app import app\n"
+    "sys.argv = ['flwr', *json.loads(sys.stdin.readline() or '[]')]\n"
+    "app()\n"
+)
+
+
+class PreparedFlwr:
+    """One `flwr` command, its process started (and Flower's CLI imported) before its arguments are known."""
+
+    def __init__(self, env: dict | None = None, merge_stderr: bool = False):
+        self.env, self.merge_stderr, self.process = env, merge_stderr, None
+
+    def prepare(self, env: dict | None = None) -> "PreparedFlwr":
+        if self.process is None:
+            self.env = env or self.env
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", PREPARED_FLWR], env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT if self.merge_stderr else subprocess.PIPE, text=True,
+            )
+        return self
+
+    def start(self, args: list[str]) -> subprocess.Popen:
+        """Give the process its arguments; it runs `flwr <args>` now."""
+        process = self.prepare().process
+        assert process is not None and process.stdin is not None
+        process.stdin.write(json.dumps(args) + "\n")
+        process.stdin.close()
+        process.stdin = None  # given: communicate() must not touch it again
+        return process
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class StatusQuery(PreparedFlwr):
+    """The final status of a run (`flwr ls sim --run-id <id> --format json`); :meth:`prepare` it when the
+    ServerApp says it is done."""
+
+    def status(self, run_id: str) -> str:
+        process = self.start(["ls", "sim", "--run-id", run_id, "--format", "json"])
+        try:
+            out, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.close()
+            return "unknown (flwr ls did not answer)"
+        try:
+            return json.loads(out)["runs"][0]["status"]
+        except (ValueError, KeyError, IndexError):
+            return f"unknown ({out.strip() or (err or '').strip()})"
 
 
 def plan_run(run_config: str, output_dir: str, num_clients: int) -> tuple[Path, str]:
@@ -161,54 +156,70 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fl-dp simulate: error: {error}", file=sys.stderr)
         return outcome.USAGE
 
-    home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
-    http_port, control_port = free_port(), free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
-    )
-    # The SuperLink starts `flower-superexec`/`flwr-simulation` by name: put this environment's bin first.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = os.environ | QUIET_ENV | FAST_POLL_ENV | {"FLWR_HOME": str(home), "PATH": path}
-    log_file = home / "superlink.log"
-    superlink = subprocess.Popen(
-        [
-            flwr_bin("flower-superlink"), "--insecure", "--simulation",
-            "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(http_port),
-            "--control-api-address", f"127.0.0.1:{control_port}",
-            "--database", str(home / "state.db"), "--log-file", str(log_file),
-        ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    code = outcome.FAILED
+    shared = attached()  # a runtime this command was given (fl-dp sweep, fl-dp runtime start)
+    with sigterm_as_exit():
+        if shared is not None:
+            print(f"Using the shared runtime in {shared.home} (SuperLink {shared.http_port}, Ray head "
+                  f"{shared.ray_address or 'none'})", flush=True)
+            return submit(shared, args, output_dir, run_config)
+        runtime = Runtime()
+        # `flwr run` imports Flower's CLI while the SuperLink and the Ray head start.
+        submission = PreparedFlwr(merge_stderr=True).prepare(runtime.env())
+        try:
+            runtime.start()
+        except RuntimeError as error:
+            submission.close()
+            print(f"fl-dp simulate: {error}", file=sys.stderr)
+            return outcome.FAILED
+        try:
+            return submit(runtime, args, output_dir, run_config, submission)
+        except BaseException:
+            runtime.failed = True
+            raise
+        finally:
+            submission.close()
+            runtime.stop()
+
+
+def submit(runtime, args: argparse.Namespace, output_dir: Path, run_config: str,
+           submission: PreparedFlwr | None = None) -> int:
+    """Submit the run to ``runtime``'s SuperLink with `flwr run --stream`, echo its log, and return the exit code.
+
+    A run that does not complete marks the runtime failed, so its logs are kept."""
+    env = runtime.env()
+    code, run_id, query = outcome.FAILED, None, StatusQuery(env)
     try:
-        wait_healthy(http_port, superlink, log_file)
         federation = f"num-supernodes={args.num_clients} client-resources-num-cpus={args.cpus_per_client}"
         command = [
-            flwr_bin("flwr"), "run", str(stage_app(home)), "sim", "--stream",
+            flwr_bin("flwr"), "run", str(stage_app(runtime.stage_dir())), "sim", "--stream",
             "--run-config", run_config, "--federation-config", federation,
         ]
         print("$ " + " ".join(command), flush=True)
-        streamed = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        run_id = None
+        streamed = (submission or PreparedFlwr(env, merge_stderr=True)).start(command[1:])
         for line in streamed.stdout:
             print(line, end="", flush=True)
             match = re.search(r"Successfully started run (\d+)", line)
             run_id = run_id or (match.group(1) if match else None)
+            if "fl-dp stop-kind:" in line:  # the ServerApp's last line: the run is ending
+                query.prepare(env)
         streamed.wait()
         if run_id is None:
-            print("flwr run did not start a run", file=sys.stderr)
+            print("flwr run did not start a run" + (f": {runtime.check()}" if runtime.check() else ""), file=sys.stderr)
             return code
-        status = run_status(env, run_id)
+        status = query.status(run_id)
         code = outcome.exit_code(status, outcome.stop_kind_in_summary(output_dir))
         print(f"Run {run_id}: {status}, {outcome.describe(code)}", flush=True)
         if code != outcome.COMPLETED:
-            print(f"The run did not complete all rounds (exit code {code}). SuperLink log, kept: {log_file}",
-                  file=sys.stderr)
+            problem = runtime.check()
+            print(f"The run did not complete all rounds (exit code {code}). SuperLink log, kept: {runtime.log_file}"
+                  + (f"; {problem}" if problem else ""), file=sys.stderr)
         print(f"Results: {output_dir}")
         return code
+    except BaseException:  # Ctrl-C or SIGTERM: a shared runtime outlives this command, so stop the run on it
+        if run_id is not None:
+            subprocess.run([flwr_bin("flwr"), "stop", run_id, "sim"], env=env, capture_output=True, check=False)
+        raise
     finally:
-        stop_process_group(superlink)
-        stopped_cleanly = superlink.returncode in (0, -signal.SIGTERM, -signal.SIGKILL)
-        if stopped_cleanly and code == outcome.COMPLETED:
-            shutil.rmtree(home, ignore_errors=True)
+        query.close()
+        if code != outcome.COMPLETED:
+            runtime.failed = True

@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
 """Privacy-utility sweep: the same federation at several target epsilons, and non-private.
 
-Runs ``fl-dp simulate`` (the real ``flwr run`` path, one private SuperLink per run) once
-without privacy (``dp='none'``) and once per target epsilon (``dp=<mode> target-epsilon=<e>``;
+Runs ``fl-dp simulate`` (the real ``flwr run`` path) once without privacy (``dp='none'``)
+and once per target epsilon (``dp=<mode> target-epsilon=<e>``;
 the app solves the noise multiplier for the planned rounds), every run with the same
-``--num-clients`` and ``--run-config``. After EVERY run it rewrites, in ``--output-dir``:
+``--num-clients`` and ``--run-config``. The runs share one simulation runtime (a SuperLink and
+a Ray head, started once and stopped at the end, also on Ctrl-C or an error; see
+fl_dp/runtime.py), so Ray starts once per sweep, not once per run; each run still has its own
+simulation process, Ray job and client contexts. With ``--audit`` the private runs each start
+their own runtime (the audit's secret key must reach only that run's processes). After EVERY
+run it rewrites, in ``--output-dir``:
 
 - ``sweep.csv``: one row per run (failed runs too, with ``status``), columns ``dp``,
   ``target_epsilon``, ``epsilon_reached`` (user-level epsilon for server/client/local, the
   maximum over clients of the sample-level epsilon for dpsgd; see ``epsilon_level``),
   ``delta``, ``noise_multiplier``, ``final_central_accuracy``, ``best_central_accuracy``,
-  ``rounds``, ``wall_seconds`` (the whole ``fl-dp simulate`` call, Ray start-up included),
+  ``rounds``, ``wall_seconds`` (the whole ``fl-dp simulate`` call; the shared runtime's start is not in it),
   ``run_dir`` and more;
 - ``privacy_utility.png``: final central accuracy against the epsilon reached, with the
   non-private accuracy as a horizontal line.
@@ -29,6 +34,7 @@ completed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -41,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from common.privacy.modes import MODES
+from fl_dp import runtime as runtimes
 from fl_dp.help import HelpFormatter
 from fl_dp.run_config import RunConfigError, parse_overrides, to_flwr
 
@@ -127,11 +134,14 @@ def plan_runs(dp: str, epsilons: list[float], overrides: dict[str, Any]) -> list
     return runs
 
 
-def subprocess_env() -> dict[str, str]:
+def subprocess_env(descriptor: Path | str | None = None) -> dict[str, str]:
     # simulate.py starts `flower-superlink`, which itself starts `flower-superexec` BY NAME from
     # PATH: put this interpreter's bin directory first so a non-activated venv works too.
     bin_dir = str(Path(sys.executable).parent)
-    return os.environ | {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "MPLBACKEND": "Agg"}
+    env = os.environ | {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "MPLBACKEND": "Agg"}
+    if descriptor is not None:  # the run submits to the sweep's shared runtime
+        env[runtimes.RUNTIME_ENV] = str(descriptor)
+    return env
 
 
 def read_json(path: Path) -> Any:
@@ -249,12 +259,15 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     os.replace(tmp, path)
 
 
-def run_one(run: dict[str, Any], args: argparse.Namespace, output_dir: Path, prefix: str) -> tuple[int, Path, Path, float]:
+def run_one(run: dict[str, Any], args: argparse.Namespace, output_dir: Path, prefix: str,
+            descriptor: Path | None = None) -> tuple[int, Path, Path, float]:
     run_dir = output_dir / "runs" / run["name"]
     log = output_dir / "logs" / f"{run['name']}.log"
+    # --audit: the private runs go through fl-dp audit (the same run, with canaries) for a lower bound;
+    # fl-dp audit starts a runtime of its own, whatever it is given.
+    audited = args.audit and run["dp"] != "none"
     command = [
-        # --audit: the private runs go through fl-dp audit (the same run, with canaries) for a lower bound.
-        sys.executable, "-m", "fl_dp", "audit" if args.audit and run["dp"] != "none" else "simulate",
+        sys.executable, "-m", "fl_dp", "audit" if audited else "simulate",
         "--num-clients", str(args.num_clients),
         "--cpus-per-client", str(args.cpus_per_client),
         "--output-dir", str(run_dir),
@@ -264,7 +277,7 @@ def run_one(run: dict[str, Any], args: argparse.Namespace, output_dir: Path, pre
     with log.open("w") as handle:
         handle.write("$ " + " ".join(command) + "\n")
         handle.flush()
-        process = subprocess.Popen(command, cwd=APP_DIR, env=subprocess_env(), stdout=subprocess.PIPE,
+        process = subprocess.Popen(command, cwd=APP_DIR, env=subprocess_env(descriptor), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:
             handle.write(line)
@@ -288,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-nonprivate", action="store_true", help="skip the non-private reference run")
     parser.add_argument("--audit", action="store_true",
                         help="run each private run through fl-dp audit: adds epsilon_lower_bound to sweep.csv and the plot")
+    parser.add_argument("--separate-runtimes", action="store_true",
+                        help="start and stop a runtime (SuperLink + Ray) for every run instead of sharing one (slower)")
     args = parser.parse_args(argv)
     if not args.epsilons:
         parser.error("--epsilons: give at least one target epsilon")
@@ -305,13 +320,51 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[sweep] {len(runs)} runs into {output_dir}", flush=True)
     started = time.monotonic()
+    # Audited runs start their own runtime; --separate-runtimes: every run does.
+    needed = not args.separate_runtimes and not all(args.audit and run["dp"] != "none" for run in runs)
+    with runtimes.sigterm_as_exit(), shared_runtime(needed, started) as runtime:
+        descriptor = None if runtime is None else runtime.home / runtimes.DESCRIPTOR
+        code = sweep_runs(runs, args, output_dir, title, started, descriptor)
+        if runtime is not None and code:
+            runtime.failed = True  # keep the SuperLink's log of the failed run
+        return code
+
+
+@contextlib.contextmanager
+def shared_runtime(needed: bool, started: float):
+    """The runtime the sweep's runs share: started here and stopped on the way out (error, Ctrl-C and
+    SIGTERM included); None when no run needs one, or a warm runtime (fl-dp runtime start) is up,
+    which the runs find themselves."""
+    if not needed or runtimes.attached() is not None:
+        yield None
+        return
+    runtime = runtimes.Runtime()
+    try:
+        runtime.start()
+        print(f"[sweep] shared runtime up in {time.monotonic() - started:.1f}s: SuperLink 127.0.0.1:{runtime.http_port}, "
+              f"Ray head {runtime.ray_address} (process groups {' '.join(map(str, runtime.process_groups()))})", flush=True)
+        yield runtime
+    except BaseException:
+        runtime.failed = True
+        raise
+    finally:
+        runtime.stop()
+        kept = f"; its logs are kept in {runtime.home}" if runtime.failed else ""
+        print(f"[sweep] shared runtime stopped{kept}", flush=True)
+
+
+def sweep_runs(runs: list[dict[str, Any]], args: argparse.Namespace, output_dir: Path, title: str, started: float,
+               descriptor: Path | None) -> int:
+    """Every run in turn (submitted to the runtime ``descriptor`` names, if any); 0 if all completed."""
     rows: list[dict[str, Any]] = []
     failed = []
     for k, run in enumerate(runs, 1):
         prefix = f"[sweep {k}/{len(runs)} {run['name']}]"
         print(f"{prefix} starting (sweep elapsed {time.monotonic() - started:.0f}s): "
               f"{run_config_text(run['config'])}", flush=True)
-        returncode, run_dir, log, wall = run_one(run, args, output_dir, prefix)
+        # None: each run starts its own runtime (a warm one if FL_DP_RUNTIME names one, unless --separate-runtimes)
+        returncode, run_dir, log, wall = run_one(run, args, output_dir, prefix,
+                                                 "none" if args.separate_runtimes else descriptor)
         row = result_row(run, run_dir, log, returncode, wall)
         rows.append(row)
         if returncode != 0:

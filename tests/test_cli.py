@@ -1,13 +1,17 @@
 """The `fl-dp` launchers check the whole run config before any runtime starts, say what is wrong
 in one line, and share one exit-code contract."""
 
+import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from fl_dp import outcome
 from fl_dp.run_config import RunConfigError, parse_overrides, to_flwr
+from fl_dp.runtime import free_port
 from fl_dp.simulate import plan_run
 
 
@@ -74,3 +78,75 @@ def test_a_used_output_dir_is_refused_before_anything_starts(tmp_path):
         plan_run("", str(tmp_path), 3)
     assert plan_run("overwrite=true", str(tmp_path), 3)[0] == tmp_path
 
+
+
+# --- the simulation runtime (fl_dp/runtime.py): stopping what was started, by process group --------
+
+
+def test_stopping_a_group_leaves_none_of_its_processes(tmp_path):
+    """Runtime.stop's primitive: the leader and every process it started in its session are gone,
+    the ones that ignore SIGTERM too (SIGKILL after the grace)."""
+    from fl_dp.runtime import group_pids, stop_group
+
+    script = "trap '' TERM; sleep 60 & sleep 60 & bash -c \"trap '' TERM; sleep 60\" & wait"
+    leader = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(group_pids(leader.pid)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    members = group_pids(leader.pid)
+    assert len(members) >= 4
+    stop_group(leader, grace=0.5)
+    assert not group_pids(leader.pid) and leader.poll() is not None
+
+
+def test_sigterm_becomes_an_exception_so_cleanup_runs():
+    import os
+    import signal
+
+    from fl_dp.runtime import sigterm_as_exit
+
+    cleaned = []
+    with pytest.raises(SystemExit):
+        with sigterm_as_exit():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                cleaned.append(True)
+    assert cleaned and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_stale_or_disabled_shared_runtime_is_not_used(tmp_path, monkeypatch):
+    from fl_dp.runtime import RUNTIME_ENV, attached
+
+    descriptor = tmp_path / "runtime.json"
+    descriptor.write_text(json.dumps({"home": str(tmp_path), "http_port": free_port(), "ray_address": "",
+                                      "process_groups": []}))
+    monkeypatch.setenv(RUNTIME_ENV, str(descriptor))
+    assert attached() is None  # nothing answers on that port
+    for value in ("none", "", str(tmp_path / "missing.json")):
+        monkeypatch.setenv(RUNTIME_ENV, value)
+        assert attached() is None
+
+
+def test_an_audit_never_uses_a_shared_runtime(tmp_path, monkeypatch):
+    """Its secret key reaches the simulation's processes through their environment: only processes the
+    audit starts itself may have it, so it refuses the sweep's or a warm runtime."""
+    from fl_dp import audit, simulate
+    from fl_dp.runtime import RUNTIME_ENV
+
+    monkeypatch.setenv(RUNTIME_ENV, str(tmp_path / "shared" / "runtime.json"))
+    seen = []
+    monkeypatch.setattr(simulate, "main", lambda argv: seen.append(os.environ[RUNTIME_ENV]) or outcome.FAILED)
+    code = audit.main(["--num-clients", "3", "--canaries", "2", "--output-dir", str(tmp_path / "run"),
+                       "--run-config", "dp='server' noise-multiplier=1.0 num-server-rounds=1"])
+    assert code == outcome.FAILED and seen == ["none"]
+
+
+def test_runtime_commands_without_a_warm_runtime(tmp_path):
+    env = os.environ | {"FL_DP_CACHE": str(tmp_path)}
+    env.pop("FL_DP_RUNTIME", None)
+    status = subprocess.run([sys.executable, "-m", "fl_dp", "runtime", "status"], env=env, capture_output=True, text=True)
+    stop = subprocess.run([sys.executable, "-m", "fl_dp", "runtime", "stop"], env=env, capture_output=True, text=True)
+    assert status.returncode == 1 and "no warm runtime" in status.stdout
+    assert stop.returncode == 0 and "no warm runtime is running" in stop.stderr

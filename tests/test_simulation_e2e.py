@@ -30,3 +30,37 @@ def test_a_dpsgd_federation_learns_and_keeps_each_clients_ledger_across_rounds(t
     assert epsilons[-1] == pytest.approx(TARGET_EPSILON, rel=0.05)  # calibrated for every planned round
     assert summary["sample_epsilon_max"] == epsilons[-1] and f"{epsilons[-1]:.3f}" in summary["guarantee"]
     assert (tmp_path / "privacy.png").stat().st_size > 0
+
+
+def test_runs_sharing_one_runtime_see_nothing_of_each_other_and_it_is_gone_after(tmp_path, monkeypatch):
+    """What fl-dp sweep does: several `fl-dp simulate` runs on ONE SuperLink + Ray head. A DP-SGD run,
+    a non-private run with another seed, the DP-SGD run again: the non-private run gives exactly what it
+    gives alone (on its own runtime), the repeated DP-SGD run spends exactly the first one's epsilon (no
+    client ledger carried over in a Ray worker or the SuperLink), and no process of the runtime is left."""
+    import json
+
+    from fl_dp import simulate
+    from fl_dp.runtime import DESCRIPTOR, RUNTIME_ENV, Runtime, group_pids
+
+    base = ["--num-clients", "2", "--cpus-per-client", "1"]
+    dpsgd = "dp='dpsgd' noise-multiplier=1.0 num-server-rounds=2 local-epochs=1 seed=1"
+    plain = "num-server-rounds=2 local-epochs=1 seed=7"
+
+    def run(name: str, config: str) -> list[dict]:
+        assert simulate.main([*base, "--output-dir", str(tmp_path / name), "--run-config", config]) == 0
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    with Runtime() as runtime:
+        monkeypatch.setenv(RUNTIME_ENV, str(runtime.home / DESCRIPTOR))
+        first, shared_plain, again = run("dpsgd-1", dpsgd), run("plain-shared", plain), run("dpsgd-2", dpsgd)
+        groups = runtime.process_groups()
+        assert len(groups) == 2 and all(group_pids(g) for g in groups)
+    assert not [pid for g in groups for pid in group_pids(g)], "a process of the shared runtime outlived it"
+    assert not runtime.home.exists()
+
+    monkeypatch.delenv(RUNTIME_ENV)
+    alone = run("plain-alone", plain)
+    keys = ("central_accuracy", "central_loss", "federated_accuracy", "federated_loss", "train_loss")
+    assert [[row[k] for k in keys] for row in shared_plain] == [[row[k] for k in keys] for row in alone]
+    epsilons = [row["sample_epsilon_max"] for row in first]
+    assert epsilons[0] > 0 and [row["sample_epsilon_max"] for row in again] == epsilons

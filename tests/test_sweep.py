@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,32 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+class FakeRuntime:
+    """Stands in for the sweep's shared runtime in the bookkeeping tests (no SuperLink, no Ray)."""
+
+    def __init__(self, home: Path):
+        self.home, self.failed = home, False
+
+
+def _fake_shared_runtime(sweep, monkeypatch, tmp_path) -> FakeRuntime:
+    import contextlib
+
+    fake = FakeRuntime(tmp_path / "runtime-home")
+
+    @contextlib.contextmanager
+    def shared_runtime(needed, started):
+        yield fake if needed else None
+
+    monkeypatch.setattr(sweep, "shared_runtime", shared_runtime)
+    return fake
+
+
+def _groups_alive(pgids: list[int]) -> list[int]:
+    from fl_dp.runtime import group_pids
+
+    return [pid for pgid in pgids for pid in group_pids(pgid)]
+
+
 @pytest.mark.e2e
 def test_small_real_sweep_writes_csv_rows_within_target_and_plot(tmp_path):
     out = tmp_path / "sweep"
@@ -36,6 +63,12 @@ def test_small_real_sweep_writes_csv_rows_within_target_and_plot(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[sweep 1/2 nonprivate]" in done.stdout and "[sweep 2/2 server-eps5]" in done.stdout
+    # Both runs went to ONE runtime the sweep started, and nothing of it outlives the command.
+    groups = [int(g) for g in re.search(r"shared runtime up .*process groups ([\d ]+)\)", done.stdout).group(1).split()]
+    assert len(groups) == 2 and not _groups_alive(groups), "a process of the shared runtime outlived the sweep"
+    homes = {re.search(r"Using the shared runtime in (\S+) ", (out / "logs" / f"{name}.log").read_text()).group(1)
+             for name in ("nonprivate", "server-eps5")}
+    assert len(homes) == 1 and not Path(homes.pop()).exists()
 
     rows = _rows(out / "sweep.csv")
     for column in ("dp", "target_epsilon", "epsilon_reached", "delta", "noise_multiplier",
@@ -58,7 +91,11 @@ def test_small_real_sweep_writes_csv_rows_within_target_and_plot(tmp_path):
 def test_a_failed_run_keeps_earlier_rows_and_exits_nonzero(tmp_path, monkeypatch):
     sweep = _load_sweep()
 
-    def fake_run_one(run, args, output_dir, prefix):
+    runtime = _fake_shared_runtime(sweep, monkeypatch, tmp_path)
+    descriptors = []
+
+    def fake_run_one(run, args, output_dir, prefix, descriptor=None):
+        descriptors.append(descriptor)
         run_dir = output_dir / "runs" / run["name"]
         log = output_dir / "logs" / f"{run['name']}.log"
         log.write_text("fake\n")
@@ -86,6 +123,22 @@ def test_a_failed_run_keeps_earlier_rows_and_exits_nonzero(tmp_path, monkeypatch
     assert float(rows[1]["epsilon_reached"]) == 0.7 and rows[1]["epsilon_level"].startswith("sample")
     assert rows[2]["status"] == "failed (exit 1)" and rows[2]["final_central_accuracy"] == ""
     assert (tmp_path / "privacy_utility.png").exists()
+    # Every run was given the one shared runtime, which keeps its logs because a run failed.
+    assert descriptors == [runtime.home / "runtime.json"] * 3 and runtime.failed
+
+
+def test_separate_runtimes_gives_each_run_its_own(tmp_path, monkeypatch):
+    sweep = _load_sweep()
+    _fake_shared_runtime(sweep, monkeypatch, tmp_path)
+    envs = []
+
+    def fake_run_one(run, args, output_dir, prefix, descriptor=None):
+        envs.append(sweep.subprocess_env(descriptor).get("FL_DP_RUNTIME"))
+        return 1, output_dir / "runs" / run["name"], output_dir / "logs" / f"{run['name']}.log", 0.0
+
+    monkeypatch.setattr(sweep, "run_one", fake_run_one)
+    sweep.main(["--dp", "server", "--epsilons", "3", "--separate-runtimes", "--output-dir", str(tmp_path / "out")])
+    assert envs == ["none", "none"]  # "none": fl-dp simulate starts (and stops) a runtime of its own
 
 
 def test_run_configs_per_run():
@@ -108,11 +161,13 @@ def test_an_audited_sweep_runs_fl_dp_audit_and_reports_the_lower_bound(tmp_path,
     """With --audit every private run goes through `fl-dp audit`; its audit.json's lower bound
     lands in sweep.csv beside the ledger's epsilon, and on the plot."""
     sweep = _load_sweep()
-    commands = []
+    runtime = _fake_shared_runtime(sweep, monkeypatch, tmp_path)
+    commands, envs = [], []
 
     class Finished:
         def __init__(self, command, **kwargs):
             commands.append(command)
+            envs.append(kwargs["env"].get("FL_DP_RUNTIME"))
             run_dir = Path(command[command.index("--output-dir") + 1])
             run_dir.mkdir(parents=True)
             private = "audit" in command
@@ -129,6 +184,8 @@ def test_an_audited_sweep_runs_fl_dp_audit_and_reports_the_lower_bound(tmp_path,
     monkeypatch.setattr(sweep.subprocess, "Popen", Finished)
     assert sweep.main(["--dp", "server", "--epsilons", "3", "--audit", "--output-dir", str(tmp_path)]) == 0
     assert [c[3] for c in commands] == ["simulate", "audit"]  # python -m fl_dp <command>
+    # fl-dp audit is handed the runtime too, but starts its own (tests/test_cli.py): its key reaches only its processes
+    assert envs == [str(runtime.home / "runtime.json")] * 2
     rows = _rows(tmp_path / "sweep.csv")
     assert rows[0]["epsilon_lower_bound"] == "" and float(rows[1]["epsilon_lower_bound"]) == 0.4
     assert float(rows[1]["epsilon_reached"]) == 2.9 and (tmp_path / "privacy_utility.png").exists()
