@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from client_app.sgd import MomentumSGD
+from common.config import NodeConfig, RunConfig
+from common.data.client_data import load_client_data
 from common.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,13 +48,17 @@ print(json.dumps({name: name in sys.modules for name in heavy}))
 """
 
 
-def test_a_cold_non_private_client_imports_nothing_heavy(tmp_path):
-    """A fresh process (as every deployment message is) trains without sklearn, opacus & co."""
+def test_a_cold_non_private_client_imports_nothing_heavy(tmp_path, monkeypatch):
+    """A fresh process (as every deployment message is) trains without sklearn, opacus & co.
+
+    The data cache is built here first, by the same loader a ClientApp calls (the very first load
+    on a machine builds it from sklearn): one cold process is enough to check the cached path.
+    """
+    monkeypatch.setenv("FL_DP_CACHE", str(tmp_path))
+    assert not any(tmp_path.iterdir())
+    load_client_data(RunConfig.from_run_config({"dataset": "digits"}), NodeConfig(0, 10), 64, 10)
+    assert any(tmp_path.rglob("*"))  # the cache the cold process must read, not rebuild
     env = os.environ | {"FL_DP_CACHE": str(tmp_path)}
-    run = lambda: subprocess.run(  # noqa: E731
-        [sys.executable, "-c", COLD_CLIENT, str(ROOT)], env=env, capture_output=True, text=True, check=True
-    )
-    first = json.loads(run().stdout.splitlines()[-1])
-    assert first["sklearn"]  # the very first load on a machine builds the cache from sklearn
-    loaded = json.loads(run().stdout.splitlines()[-1])
+    run = subprocess.run([sys.executable, "-c", COLD_CLIENT, str(ROOT)], env=env, capture_output=True, text=True, check=True)
+    loaded = json.loads(run.stdout.splitlines()[-1])
     assert loaded == {name: False for name in loaded}, loaded
