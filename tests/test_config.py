@@ -1,5 +1,6 @@
 """The run config is validated at start: every error names the key, the bad value and what is valid."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,19 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 def test_pyproject_lists_every_key_with_the_same_default():
     app_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
-    assert app_config == RunConfig().to_dict()
+    # The declared defaults ("auto" included: a mode-dependent default is resolved per dp mode).
+    assert app_config == {f.metadata["key"]: f.default for f in dataclasses.fields(RunConfig)}
+
+
+def test_auto_sampling_is_poisson_in_user_level_modes_and_fixed_otherwise():
+    for dp, expected in (("none", "fixed"), ("server", "poisson"), ("client", "poisson"), ("dpsgd", "fixed"),
+                         ("local", "fixed")):
+        config = RunConfig.from_run_config({"dp": dp, "target-epsilon": 0.0 if dp == "none" else 3.0})
+        assert config.sampling == expected and config.to_dict()["sampling"] == expected, dp
+        assert RunConfig(dp=dp).sampling == expected, dp
+    # an explicit choice is kept
+    assert RunConfig.from_run_config({"dp": "server", "sampling": "fixed"}).sampling == "fixed"
+    assert RunConfig.from_run_config({"dp": "none", "sampling": "poisson"}).sampling == "poisson"
 
 
 def test_pyproject_defaults_validate():
