@@ -6,6 +6,7 @@ import os
 import time
 from typing import Callable
 
+import torch
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -16,6 +17,7 @@ from common.data.scaling import FeatureScaling
 from common.evaluation import Evaluation, evaluate_in_detail
 from common.logs import keep_root_logger_quiet
 from common.models import build_model
+from common.privacy.signal import noise_warning
 from server_app import linkstate_index, run_state
 from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server_app.diagnostics import DIAGNOSTICS_FILE, Diagnostics
@@ -94,6 +96,7 @@ def main(grid: Grid, context: Context) -> None:
             return
         num_clients = len(nodes)
         plan = plan_privacy(config, num_clients)
+        _warn_if_noise_swamps(config, plan, model, health)
     strategy = plan.wrap(build_strategy(config, federated_evaluation))
     if checkpoint is not None:
         run_state.restore_strategy(strategy, resumed.strategy, checkpoint.arrays, reference)
@@ -140,6 +143,18 @@ def main(grid: Grid, context: Context) -> None:
             num_clients, len(test_set.y))
     if ending.error is not None:  # no client returned an update: Flower marks the run failed
         raise ending.error
+
+
+def _warn_if_noise_swamps(config: RunConfig, plan: PrivacyPlan, model: torch.nn.Module, health: RunHealth) -> None:
+    """User-level DP: say before training when the planned noise outweighs any possible update."""
+    if plan.mechanism is None or plan.noise_multiplier is None:
+        return
+    num_params = sum(parameter.numel() for parameter in model.parameters())
+    text = noise_warning(plan.noise_multiplier, config.clipping_norm, plan.expected_clients, num_params,
+                         config.num_server_rounds)
+    if text is not None:
+        health.before_training("noise-swamped", text)
+        say(f"WARNING: {text}")
 
 
 def _finish(config: RunConfig, recorder: RunRecorder, stop: Stop, plan: PrivacyPlan | None, tally: PrivacyTally,

@@ -7,7 +7,9 @@ clients' mean training loss):
 * diverging: a loss that is not finite, or above ``LOSS_LIMIT`` times that of a uniform guess
   over the K classes (ln K);
 * collapsed: the model predicts one class for every held-out example while they have several;
-* diverged: the run stopped because updates or the aggregate held NaN/Inf.
+* diverged: the run stopped because updates or the aggregate held NaN/Inf;
+* noise-swamped (before round 1, user-level DP): the planned noise is larger than anything the
+  clients could contribute (:mod:`common.privacy.signal`).
 
 Each kind of problem is reported once in ``summary.json``'s ``warnings`` (at the first round it
 appears) and on every progress line while it lasts.
@@ -44,6 +46,10 @@ class RunHealth:
                 f"({self.classes_in_test} classes there): it has collapsed; lower learning-rate or the noise"
             )
         return self._keep(found)
+
+    def before_training(self, kind: str, text: str) -> None:
+        """A problem foreseen from the plan alone, said before any round runs."""
+        self._keep({kind: text})
 
     def diverged(self, server_round: int, why: str) -> None:
         """The run stopped because training broke down (NaN/Inf updates or aggregate)."""
