@@ -37,6 +37,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,16 +101,18 @@ def _regenerated_noise(config, summary: dict, models: list[dict], names: list[st
     from common.privacy.clipping import gaussian_noise_like
     from common.privacy.secret_random import SecretRandom
     from server_app.privacy import expected_clients_per_round
-    from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler
+    from server_app.sampling import ClientSampler, EveryoneSampler, PoissonSampler, Sampler
 
     if config.clipping != "fixed" or config.strategy not in IDENTITY_STEP:
         return None
     population = int(summary["num_clients"])
     m = expected_clients_per_round(config, population)
     rng = SecretRandom.from_debug_key(config.debug_noise_key)
-    sampler = {"poisson": lambda: PoissonSampler(m / population, rng), "fixed": lambda: ClientSampler(m, rng)}.get(
-        config.sampling, EveryoneSampler
-    )()
+    sampler: Sampler = EveryoneSampler()
+    if config.sampling == "poisson":
+        sampler = PoissonSampler(m / population, rng)
+    elif config.sampling == "fixed":
+        sampler = ClientSampler(m, rng)
     std = float(summary["noise_multiplier"]) * config.clipping_norm / m
     # The server samples from its clients ordered by their identities (server_app/federation.py).
     order = sorted(range(population), key=lambda p: client_identity(config, NodeConfig(p, population)))
@@ -191,7 +194,7 @@ def analyse(output_dir: Path, key: bytes, confidence: float = 0.95) -> tuple[dic
     """The public report (audit.json) and the operator-only details (audit-secret.json) of a
     finished audit run in ``output_dir`` whose canaries came from ``key``."""
     from client_app.canary import CANARY_MODES
-    from common.privacy.audit import canary_included, gaussian_fit_estimate, one_run_lower_bound
+    from common.privacy.audit import GuessingGame, canary_included, gaussian_fit_estimate, one_run_lower_bound
 
     output_dir = Path(output_dir)
     config = _config(output_dir)
@@ -210,7 +213,9 @@ def analyse(output_dir: Path, key: bytes, confidence: float = 0.95) -> tuple[dic
         statistics, attack, dimension = _example_scores(config, summary, key, names, models)
         kind = "examples in partition 0's data"
         upper = summary.get("sample_epsilon_max")
-    best, best_name, stats = None, None, {}
+    best: GuessingGame | None = None
+    best_name: str | None = None
+    stats: dict[str, Any] = {}
     for name, scores in statistics.items():
         game = one_run_lower_bound(scores, included, delta, confidence, statistics=len(statistics))
         stats[name] = gaussian_fit_estimate(scores[included], scores[~included], delta) | {"game": game.to_dict()}
@@ -218,6 +223,8 @@ def analyse(output_dir: Path, key: bytes, confidence: float = 0.95) -> tuple[dic
             best, best_name = game, name
     if kind == "clients":
         stats["null_std"] = 1 / math.sqrt(dimension)  # a canary that never touched the model: cos ~ N(0, 1/d)
+    if best is None:
+        raise ValueError("no score statistic to audit with")
     lower = best.epsilon
     debug = bool(summary.get("debug_noise"))
     if upper is None:

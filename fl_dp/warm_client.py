@@ -102,9 +102,9 @@ def differences(expected: dict[str, str], found: dict[str, str], limit: int = 5)
 
 def clientapp_ref(project_dir: Path) -> str:
     """The ``[tool.flwr.app.components] clientapp`` of a project's pyproject.toml ('' if absent)."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         import tomli as tomllib
     try:
         config = tomllib.loads((project_dir / "pyproject.toml").read_text())
@@ -136,6 +136,8 @@ class WarmApp:
             except ImportError as error:
                 _log(30, "could not preload %s (%s); it will be imported per message", name, error)
         top = sys.modules[module_name.split(".")[0]]
+        if top.__file__ is None:
+            raise RuntimeError(f"{top.__name__} is a namespace package: the launcher cannot tell which files it imported")
         top_file = Path(top.__file__).resolve()
         root = top_file.parent.parent if top_file.name == "__init__.py" else top_file.parent
         if root.name in ("site-packages", "dist-packages"):  # a non-editable install: ask its metadata
