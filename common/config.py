@@ -281,7 +281,7 @@ def _resolve_auto(config: "RunConfig") -> None:
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Accept TOML's int where a float is expected; refuse any other type change."""
-    expected = type(default)
+    expected: type | tuple[type, ...] = type(default)
     if key == "clients-per-round":  # a count (int) or a fraction (float)
         expected = (int, float)
     if isinstance(value, bool) and expected is not bool:
