@@ -150,7 +150,8 @@ def _warn_if_noise_swamps(config: RunConfig, plan: PrivacyPlan, model: torch.nn.
     if plan.mechanism is None or plan.noise_multiplier is None:
         return
     num_params = sum(parameter.numel() for parameter in model.parameters())
-    text = noise_warning(plan.noise_multiplier, config.clipping_norm, plan.expected_clients, num_params,
+    # The noise the updates really get: z_delta >= z with adaptive clipping (its count query shares the budget).
+    text = noise_warning(plan.mechanism.update_noise_multiplier, config.clipping_norm, plan.expected_clients, num_params,
                          config.num_server_rounds)
     if text is not None:
         health.before_training("noise-swamped", text)
