@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             return outcome.FAILED
         try:
             return submit(runtime, args, output_dir, run_config, submission)
+        except KeyboardInterrupt:  # Ctrl-C: no traceback; the runtime is stopped below, its logs kept
+            runtime.failed = True
+            print(f"\nfl-dp simulate: interrupted; stopping the runtime (its logs stay in {runtime.home})",
+                  file=sys.stderr, flush=True)
+            return 130
         except BaseException:
             runtime.failed = True
             raise
