@@ -243,9 +243,12 @@ class Runtime:
 
     def _wait_superlink(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        superlink = self.superlink
+        if superlink is None:
+            raise RuntimeError_("the SuperLink was not started")
         while time.monotonic() < deadline:
-            if self.superlink.poll() is not None:
-                raise RuntimeError_(f"flower-superlink exited with code {self.superlink.returncode}; see {self.log_file}")
+            if superlink.poll() is not None:
+                raise RuntimeError_(f"flower-superlink exited with code {superlink.returncode}; see {self.log_file}")
             if self.ray_head is not None and self.ray_head.poll() is not None:
                 raise RuntimeError_(f"the Ray head exited with code {self.ray_head.returncode}; see {self.ray_log}")
             if superlink_healthy(self.http_port):

@@ -67,7 +67,8 @@ class PreparedFlwr:
     """One `flwr` command, its process started (and Flower's CLI imported) before its arguments are known."""
 
     def __init__(self, env: dict | None = None, merge_stderr: bool = False):
-        self.env, self.merge_stderr, self.process = env, merge_stderr, None
+        self.env, self.merge_stderr = env, merge_stderr
+        self.process: subprocess.Popen[str] | None = None
 
     def prepare(self, env: dict | None = None) -> "PreparedFlwr":
         if self.process is None:
@@ -201,6 +202,7 @@ def submit(runtime, args: argparse.Namespace, output_dir: Path, run_config: str,
         ]
         print("$ " + " ".join(command), flush=True)
         streamed = (submission or PreparedFlwr(env, merge_stderr=True)).start(command[1:])
+        assert streamed.stdout is not None  # started with stdout=PIPE
         for line in streamed.stdout:
             print(line, end="", flush=True)
             match = re.search(r"Successfully started run (\d+)", line)

@@ -123,7 +123,7 @@ def run_config_text(overrides: dict[str, Any]) -> str:
 def plan_runs(dp: str, epsilons: list[float], overrides: dict[str, Any]) -> list[dict[str, Any]]:
     """Non-private first, then each target epsilon in increasing order."""
     nonprivate = {k: v for k, v in overrides.items() if k not in DP_ONLY_KEYS} | {"dp": "none"}
-    runs = [{"name": "nonprivate", "dp": "none", "target_epsilon": None, "config": nonprivate}]
+    runs: list[dict[str, Any]] = [{"name": "nonprivate", "dp": "none", "target_epsilon": None, "config": nonprivate}]
     for eps in epsilons:
         runs.append({
             "name": f"{dp}-eps{eps:g}",
@@ -260,7 +260,7 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
 
 
 def run_one(run: dict[str, Any], args: argparse.Namespace, output_dir: Path, prefix: str,
-            descriptor: Path | None = None) -> tuple[int, Path, Path, float]:
+            descriptor: Path | str | None = None) -> tuple[int, Path, Path, float]:
     run_dir = output_dir / "runs" / run["name"]
     log = output_dir / "logs" / f"{run['name']}.log"
     # --audit: the private runs go through fl-dp audit (the same run, with canaries) for a lower bound;
@@ -279,6 +279,7 @@ def run_one(run: dict[str, Any], args: argparse.Namespace, output_dir: Path, pre
         handle.flush()
         process = subprocess.Popen(command, cwd=APP_DIR, env=subprocess_env(descriptor), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
+        assert process.stdout is not None  # started with stdout=PIPE
         for line in process.stdout:
             handle.write(line)
             handle.flush()
