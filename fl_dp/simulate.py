@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Using the shared runtime in {shared.home} (SuperLink {shared.http_port}, Ray head "
                   f"{shared.ray_address or 'none'})", flush=True)
             return submit(shared, args, output_dir, run_config)
-        runtime = Runtime()
+        # One command, one run: Flower's simulation process starts Ray itself, as Flower does. A Ray
+        # head of our own (what a sweep or `fl-dp runtime start` shares between runs) made one of two
+        # `fl-dp simulate` commands started at once fail after 60 s (tests/test_reliability.py runs
+        # two side by side); a single run gains little from it (benchmarks/results.md section 6).
+        runtime = Runtime(ray=False)
         # `flwr run` imports Flower's CLI while the SuperLink and the Ray head start.
         submission = PreparedFlwr(merge_stderr=True).prepare(runtime.env())
         try:
