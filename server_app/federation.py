@@ -121,8 +121,7 @@ def _refusal_reason(reply: Message) -> str:
 
 def _reported(reply: Message, key: str) -> float | None:
     """A number a client reported in its reply's metrics (None when it did not)."""
-    value = reply.content.metric_records["metrics"].get(key) if "metrics" in reply.content.metric_records else None
-    return float(value) if isinstance(value, (int, float)) else None
+    return _metric(reply.content.metric_records.get("metrics"), key)
 
 
 def wait_for_clients(grid: Grid, needed: int, why: str, timeout: float) -> list[int]:
@@ -385,12 +384,10 @@ class Federation:
         """File what the DP wrapper reports of its release: the clip norm (released) in the tally,
         the exact clipped and rejected counts (private) for the operator's diagnostics only."""
         tally = self.tally
-        figures = {key: metrics[key] for key in (DP_CLIPPING_NORM, DP_NUM_CLIPPED, DP_NUM_REJECTED)}
-        if not all(isinstance(value, (int, float)) for value in figures.values()):
-            raise TypeError(f"the DP strategy reported non-numeric figures: {figures}")
-        tally.clipping_norm = float(figures[DP_CLIPPING_NORM])  # type: ignore[arg-type]  # checked above
-        tally.num_clipped = int(figures[DP_NUM_CLIPPED])  # type: ignore[arg-type]
-        tally.num_rejected = int(figures[DP_NUM_REJECTED])  # type: ignore[arg-type]
+        clip, clipped, rejected = (_metric(metrics, key) for key in (DP_CLIPPING_NORM, DP_NUM_CLIPPED, DP_NUM_REJECTED))
+        if clip is None or clipped is None or rejected is None:
+            raise TypeError(f"the DP strategy reported non-numeric figures: {dict(metrics)}")
+        tally.clipping_norm, tally.num_clipped, tally.num_rejected = clip, int(clipped), int(rejected)
         if tally.num_rejected:
             self.diagnostics.event(
                 server_round, f"round {server_round}: {tally.num_rejected} update(s) exceeded the clip norm and were rejected"
