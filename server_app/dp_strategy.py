@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.privacy.clipping import arrays_from_record, record_from_arrays
 from common.protocol import NUM_EXAMPLES, UNCLIPPED
+from server_app.replies import reported
 from server_app.user_level_dp import UserLevelDP
 
 if TYPE_CHECKING:
@@ -106,9 +107,9 @@ def _as_only_reply(released: ArrayRecord) -> Message:
 
 
 def _reported_unclipped(reply: Message) -> int:
-    """Client mode with adaptive clipping: 1 if the client says its update was within the norm."""
-    value = reply.content.metric_records["metrics"].get(UNCLIPPED, 1)
-    return int(value) if isinstance(value, (int, float)) else 1
+    """Client mode with adaptive clipping: 1 if the client says its update was within the norm (the default)."""
+    value = reported(reply, UNCLIPPED)
+    return 1 if value is None else int(value)
 
 
 def unwrapped(strategy: Strategy) -> Strategy:

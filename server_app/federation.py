@@ -46,6 +46,7 @@ from server_app.health import RunHealth
 from server_app.messaging import send_and_receive
 from server_app.privacy import PrivacyPlan
 from server_app.progress import Progress
+from server_app.replies import metric, reported
 from server_app.results import RunRecorder
 from server_app.sampling import ClientSampler, offered
 from server_app.status import say
@@ -102,14 +103,14 @@ class PrivacyTally:
     debug_clients: bool = False  # a dpsgd/local client drew its noise from a debug key: no guarantee
 
     def collect(self, usable: list[Message]) -> None:
-        if any(_reported(m, DEBUG_NOISE) for m in usable):
+        if any(reported(m, DEBUG_NOISE) for m in usable):
             self.debug_clients = True
         for key, attr in ((SAMPLE_EPSILON, "sample_epsilon_max"), (LOCAL_EPSILON, "local_epsilon_max")):
-            values = [value for m in usable if (value := _reported(m, key)) is not None]
+            values = [value for m in usable if (value := reported(m, key)) is not None]
             previous = getattr(self, attr)
             if values:
                 setattr(self, attr, max(values + ([previous] if previous is not None else [])))
-        noises = [value for m in usable if (value := _reported(m, NOISE_MULTIPLIER)) is not None]
+        noises = [value for m in usable if (value := reported(m, NOISE_MULTIPLIER)) is not None]
         if noises:
             self.reported_noise = min(noises)
 
@@ -117,11 +118,6 @@ class PrivacyTally:
 def _refusal_reason(reply: Message) -> str:
     status = reply.content.config_records.get("status")
     return str(status["reason"]) if status is not None and "reason" in status else "refused"
-
-
-def _reported(reply: Message, key: str) -> float | None:
-    """A number a client reported in its reply's metrics (None when it did not)."""
-    return _metric(reply.content.metric_records.get("metrics"), key)
 
 
 def wait_for_clients(grid: Grid, needed: int, why: str, timeout: float) -> list[int]:
@@ -310,7 +306,7 @@ class Federation:
         return replies, failures
 
     def _refusals(self, server_round: int, replies: list[Message]) -> list[Message]:
-        refused = [m for m in replies if not m.has_error() and _reported(m, REFUSED)]
+        refused = [m for m in replies if not m.has_error() and reported(m, REFUSED)]
         for message in refused:
             reason = _refusal_reason(message)
             self.diagnostics.event(server_round, f"client {self.node_of(message)} refused to train: {reason}")
@@ -384,7 +380,7 @@ class Federation:
         """File what the DP wrapper reports of its release: the clip norm (released) in the tally,
         the exact clipped and rejected counts (private) for the operator's diagnostics only."""
         tally = self.tally
-        clip, clipped, rejected = (_metric(metrics, key) for key in (DP_CLIPPING_NORM, DP_NUM_CLIPPED, DP_NUM_REJECTED))
+        clip, clipped, rejected = (metric(metrics, key) for key in (DP_CLIPPING_NORM, DP_NUM_CLIPPED, DP_NUM_REJECTED))
         if clip is None or clipped is None or rejected is None:
             raise TypeError(f"the DP strategy reported non-numeric figures: {dict(metrics)}")
         tally.clipping_norm, tally.num_clipped, tally.num_rejected = clip, int(clipped), int(rejected)
@@ -402,11 +398,11 @@ class Federation:
         replies, _ = self._exchange(server_round, messages)
         # A client with no validation split (e.g. 1-2 examples each) weighs 0: Flower's weighted mean
         # of only such replies divides by zero, so they are left out; with none left there is no figure.
-        weighed = [m for m in replies if m.has_error() or (_reported(m, NUM_EXAMPLES) or 0) > 0]
+        weighed = [m for m in replies if m.has_error() or (reported(m, NUM_EXAMPLES) or 0) > 0]
         if not any(not m.has_error() for m in weighed):
             return {"federated_loss": None, "federated_accuracy": None}
         metrics = self.strategy.aggregate_evaluate(server_round, weighed)
-        return {"federated_loss": _metric(metrics, EVAL_LOSS), "federated_accuracy": _metric(metrics, EVAL_ACCURACY)}
+        return {"federated_loss": metric(metrics, EVAL_LOSS), "federated_accuracy": metric(metrics, EVAL_ACCURACY)}
 
 
 def _finite(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
@@ -430,14 +426,9 @@ def _with_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
     return record_from_arrays({name: values[name].astype(dtype) for name, dtype in expected.items()})
 
 
-def _metric(record: MetricRecord | None, key: str) -> float | None:
-    value = record.get(key) if record is not None else None
-    return float(value) if isinstance(value, (int, float)) else None
-
-
 def _mean_metric(replies: list[Message], key: str) -> float | None:
     """Example-weighted mean of a client metric (None when no reply carries it)."""
-    pairs = [(value, _reported(m, NUM_EXAMPLES) or 0.0) for m in replies if (value := _reported(m, key)) is not None]
+    pairs = [(value, reported(m, NUM_EXAMPLES) or 0.0) for m in replies if (value := reported(m, key)) is not None]
     total = sum(w for _, w in pairs)
     if not pairs or total <= 0:
         return None
