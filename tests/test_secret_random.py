@@ -241,3 +241,45 @@ def test_choice_without_replacement_is_uniform_over_subsets():
         counts[pick] = counts.get(pick, 0) + 1
     assert len(counts) == subsets and all(len(s) == k for s in counts)
     assert stats.chisquare(list(counts.values())).pvalue > P_MIN
+
+
+def test_normals_are_the_textbook_polar_method_on_the_keystream():
+    """standard_normal is Marsaglia's polar method written out plainly, on the same keystream.
+
+    One pass of c = int(1.3 * 500) + 32 candidates for 1,000 normals (500 pairs): U = the first c
+    words >> 11 (signed), V = the next c, u = U 2^-52; pairs with 0 < s = u^2 + v^2 < 1 are kept
+    in order, u * sqrt(-2 ln s / s) fills the front half, v * sqrt(-2 ln s / s) the back. The
+    implementation's scaling (in units of 2^-52, the 2^-52 put inside the root) must give the
+    same pairs and the same values (a fixed debug key: the pass has enough pairs).
+    """
+    pairs, candidates = 500, int(1.3 * 500) + 32
+    words = SecretRandom.from_debug_key("polar").random_bytes(16 * candidates).view("<i8") >> 11
+    u, v = words[:candidates] * 2.0**-52, words[candidates:] * 2.0**-52
+    s = u * u + v * v
+    keep = (s > 0) & (s < 1)
+    assert keep.sum() >= pairs
+    u, v, s = u[keep][:pairs], v[keep][:pairs], s[keep][:pairs]
+    factor = np.sqrt(-2.0 * np.log(s) / s)
+    expected = np.concatenate([u * factor, v * factor])
+    ours = SecretRandom.from_debug_key("polar").standard_normal(2 * pairs)
+    np.testing.assert_allclose(ours, expected, rtol=4e-16, atol=0)
+
+
+def test_gaussian_is_the_sum_of_four_standard_normals_times_std_over_two():
+    """gaussian(n, std) = (z1 + z2 + z3 + z4) * std / 2 with z = the same stream's 4n normals in four rows."""
+    for n in (1, 7, 3000):
+        z = SecretRandom.from_debug_key("sum").standard_normal(4 * n).reshape(4, n)
+        ours = SecretRandom.from_debug_key("sum").gaussian(n, 1.5)
+        assert np.array_equal(ours, (z[0] + z[1] + z[2] + z[3]) * 0.75)
+
+
+def test_gaussian_larger_than_one_block_keeps_the_distribution():
+    """Coordinates across GAUSSIAN_BLOCK boundaries: mean, variance and fit of each block-sized slice."""
+    from common.privacy.secret_random import GAUSSIAN_BLOCK
+
+    n = 3 * GAUSSIAN_BLOCK + 5
+    sample = SecretRandom().gaussian(n, 2.0)
+    for part in (sample[:GAUSSIAN_BLOCK], sample[GAUSSIAN_BLOCK : 2 * GAUSSIAN_BLOCK], sample[-GAUSSIAN_BLOCK:], sample):
+        assert _within(part.mean(), 0.0, 2.0 / math.sqrt(len(part)))
+        assert _within(part.var(), 4.0, math.sqrt(2 * 16.0 / len(part)))
+        assert stats.kstest(part, "norm", args=(0.0, 2.0)).pvalue > P_MIN

@@ -19,15 +19,18 @@ p % 16 bytes). The state holds the key: it is as secret as the unnoised aggregat
 Conversions (all vectorised): uniform = top 53 bits of a little-endian uint64 times 2^-53, in
 [0, 1). Bernoulli(p) = uniform < p (P(True) = p rounded up to a multiple of 2^-53). Integers
 below b by rejection (arc4random_uniform: reject r < 2^64 mod b, then r mod b): exactly
-uniform. Normals by Marsaglia's polar method (exact in real arithmetic).
+uniform. Normals by Marsaglia's polar method on pairs of signed 53-bit integers, i.e. uniforms on
+the 2^-52 grid of [-1, 1) (exact in real arithmetic; ``_fill_normals`` states each step).
 
 Floating-point attacks (Mironov 2012; Jin et al. 2022 on Gaussian samplers) read the input
 from the low-order bits of ``x + noise`` because the float noise cannot reach every float.
 * ``gaussian`` uses Opacus's secure_mode mitigation after Holohan & Braghin 2021 (section
-  5.1): the sum of 4 independent N(0, std^2) draws divided by 2, still N(0, std^2). By their
-  and Opacus's analysis this raises the cost of the known attack from ~2^53 to ~2^159
-  (2^(p(2n-1)), p = 53, n = 2). It is a mitigation, not a proof of exact DP on floats. The
-  sum is done in float64; a float32 tensor gets one final rounding of the result.
+  5.1): the sum of 4 independent N(0, std^2) draws divided by 2, still N(0, std^2), computed
+  as (z1 + z2 + z3 + z4) * (std / 2) from 4 standard normals (the same value up to one
+  rounding). By their and Opacus's analysis this raises the cost of the known attack from
+  ~2^53 to ~2^159 (2^(p(2n-1)), p = 53 random bits per uniform, n = 2). It is a mitigation,
+  not a proof of exact DP on floats. The sum is done in float64; a float32 tensor gets one
+  final rounding of the result.
 * ``discrete_laplace`` returns integers: noise added to a value on a grid g (as g * integer)
   gives an integer multiple of g, whose low-order bits carry nothing about the input. Floats
   remain only in the geometric inverse CDF G = floor(-scale * ln u), u on the 2^-53 grid of
@@ -55,7 +58,8 @@ KEY_BYTES = 32
 BLOCK = 16
 CHUNK = 1 << 18  # keystream bytes per cipher call: stays in cache, ~4x faster than one big call
 _ZEROS = bytes(CHUNK)
-NORMAL_BLOCK = 1 << 16  # polar-method candidate pairs per pass: ~2x faster than one big pass
+NORMAL_BLOCK = 1 << 16  # polar-method candidate pairs per pass (1 MiB of keystream): the fastest of 2^13..2^18
+GAUSSIAN_BLOCK = 1 << 14  # coordinates per pass of ``gaussian``: 2^16 normals, one pass of <= NORMAL_BLOCK pairs
 
 
 Size = int | Sequence[int]  # an array shape, or one dimension (NumPy's ``size``)
@@ -147,50 +151,77 @@ class SecretRandom:
             pool[i], pool[j] = pool[j], pool[i]
         return pool[:k]
 
-    def standard_normal(self, size: Size) -> np.ndarray:
-        """float64 N(0, 1) by Marsaglia's polar method (both outputs of each pair used).
+    def _fill_normals(self, out: np.ndarray) -> None:
+        """Fill the 1-D float64 ``out`` (even length) with N(0, 1) draws, Marsaglia's polar method.
 
-        (u, v) uniform in the square [-1, 1)^2, kept if 0 < s = u^2 + v^2 < 1 (probability
-        pi/4); then u * sqrt(-2 ln s / s) and v * sqrt(-2 ln s / s) are independent N(0, 1).
-        Box-Muller would need cos and sin, ~3x slower here. The rejections depend only on the
-        keystream, never on data.
+        Candidate pairs (U, V): keystream words as little-endian signed int64, shifted right 11
+        bits (arithmetic), i.e. integers uniform in [-2^52, 2^52) (a pass of c candidates reads
+        16c bytes: the first c words are the U's, the next c the V's, paired in order); (u, v) =
+        (U, V) * 2^-52 is uniform on the 2^-52 grid of the square [-1, 1)^2. A pair is kept if 0 < S = U^2 + V^2 < 2^104,
+        i.e. 0 < s = u^2 + v^2 = S * 2^-104 < 1 (probability pi/4; the rejections depend only on
+        the keystream, never on data); then u * sqrt(-2 ln s / s) and v * sqrt(-2 ln s / s) are
+        independent N(0, 1), the first filling the front half of ``out``, the second the back.
+        The scale 2^-52 is applied once, inside the square root: f = sqrt(-2^-103 ln(s) / s) =
+        2^-52 sqrt(-2 ln s / s) and U * f = u * sqrt(-2 ln s / s), equal as floats too, since
+        multiplying by a power of two (and taking the root of a power of four) is exact here.
+        Box-Muller would need cos and sin (no SIMD float64 kernels in numpy, ~10 ns each).
         """
-        shape, count = _count(size)
-        pairs = (count + 1) // 2
-        out = np.empty(2 * pairs)
-        pairs_filled = 0
-        while pairs_filled < pairs:  # blocks of <= NORMAL_BLOCK candidates: temporaries stay in cache
-            candidates = min(int(1.3 * (pairs - pairs_filled)) + 32, NORMAL_BLOCK)
-            uv = self.uniform(2 * candidates)
-            uv *= 2.0
-            uv -= 1.0  # exact: multiples of 2^-52 in [-1, 1)
+        pairs = len(out) // 2
+        filled = 0
+        while filled < pairs:  # blocks of <= NORMAL_BLOCK candidates: bounded temporaries, few Python calls
+            need = pairs - filled
+            candidates = min(int(1.3 * need) + 32, NORMAL_BLOCK)
+            words = self.random_bytes(16 * candidates).view("<i8")
+            np.right_shift(words, 11, out=words)  # U, V: integers in [-2^52, 2^52)
+            uv = words.astype(np.float64)  # exact: |U| <= 2^52
             u, v = uv[:candidates], uv[candidates:]
-            s = u * u
-            s += v * v
-            keep = (s > 0.0) & (s < 1.0)
-            u, v, s = (np.compress(keep, a)[: pairs - pairs_filled] for a in (u, v, s))
+            big_s = u * u
+            big_s += v * v  # S * 2^-104 is exactly the float u*u + v*v of the scaled pair
+            keep = np.flatnonzero((big_s > 0.0) & (big_s < 2.0**104))[:need]
+            kept = len(keep)
+            s = big_s.take(keep)
+            s *= 2.0**-104  # exact: s = u^2 + v^2 in (0, 1)
             factor = np.log(s)
-            factor *= -2.0
+            factor *= -(2.0**-103)
             factor /= s
-            np.sqrt(factor, out=factor)
-            np.multiply(u, factor, out=out[pairs_filled : pairs_filled + len(s)])
-            np.multiply(v, factor, out=out[pairs + pairs_filled : pairs + pairs_filled + len(s)])
-            pairs_filled += len(s)
+            np.sqrt(factor, out=factor)  # 2^-52 sqrt(-2 ln s / s)
+            first, second = out[filled : filled + kept], out[pairs + filled : pairs + filled + kept]
+            u.take(keep, out=first)
+            first *= factor
+            v.take(keep, out=second)
+            second *= factor
+            filled += kept
+
+    def standard_normal(self, size: Size) -> np.ndarray:
+        """float64 N(0, 1) by Marsaglia's polar method, both outputs of each pair used (:meth:`_fill_normals`)."""
+        shape, count = _count(size)
+        out = np.empty(count + count % 2)
+        self._fill_normals(out)
         return out[:count].reshape(shape)
 
     def gaussian(self, shape: Size, std: float) -> np.ndarray:
-        """float64 N(0, std^2) per coordinate as (d1 + d2 + d3 + d4) / 2, di ~ N(0, std^2) (see module)."""
+        """float64 N(0, std^2) per coordinate as (z1 + z2 + z3 + z4) * (std / 2), zi ~ N(0, 1) (see module).
+
+        z1..z4 are four independent standard normals (:meth:`_fill_normals`), so the sum is
+        N(0, 4) and the result N(0, std^2); std / 2 is exact, so this equals (std z1 + ... + std z4) / 2
+        up to one rounding. Drawn GAUSSIAN_BLOCK coordinates at a time (4x as many normals), the
+        sum accumulated in place: the temporaries stay in cache whatever the size.
+        """
         if not std >= 0.0:
             raise ValueError(f"std must be >= 0, got {std}")
         shape, count = _count(shape)
         if std == 0.0:
             return np.zeros(shape)
-        draws = self.standard_normal((4, count))
-        draws *= std
-        out = draws[0] + draws[1]
-        out += draws[2]
-        out += draws[3]
-        out /= 2.0
+        out = np.empty(count)
+        draws = np.empty(4 * min(count, GAUSSIAN_BLOCK))
+        for start in range(0, count, GAUSSIAN_BLOCK):
+            n = min(GAUSSIAN_BLOCK, count - start)
+            z = draws[: 4 * n]
+            self._fill_normals(z)
+            block = np.add(z[:n], z[n : 2 * n], out=out[start : start + n])
+            block += z[2 * n : 3 * n]
+            block += z[3 * n :]
+            block *= std / 2.0
         return out.reshape(shape)
 
     def discrete_laplace(self, shape: Size, scale: float) -> np.ndarray:
