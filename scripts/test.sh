@@ -14,4 +14,9 @@ cd "$(dirname "$0")/.."
     echo "test.sh: mypy found type errors (listed above); fix them before the tests run" >&2
     exit 1
 }
-exec .venv/bin/python -m pytest -q "$@"
+# Two pytest-xdist workers, one test file each at a time (--dist loadfile keeps a file's module
+# fixtures, e.g. one TLS deployment or compose stack, in one process). The real-runtime tests spend
+# much of their time waiting (Flower's 3 s idle polling, its 60 s heartbeat timeout, Docker), so
+# two of them overlap well on 2 cores; tests/conftest.py starts those files first. A serial run:
+# ./scripts/test.sh -n 0
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"

@@ -44,3 +44,15 @@ def federation_run(tmp_path_factory):
         return runs_by_settings[key]
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with real-runtime (e2e) tests first, the rest after; a file's tests stay together and
+    everything keeps its usual order otherwise.
+
+    With ./scripts/test.sh's two workers a file is one unit of work, handed out in this order: the
+    few long e2e files start at once and the many short in-process files fill the gaps, instead of
+    one long file starting last and running alone at the end.
+    """
+    e2e_files = {item.path for item in items if item.get_closest_marker("e2e") is not None}
+    items.sort(key=lambda item: item.path not in e2e_files)
