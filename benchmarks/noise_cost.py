@@ -6,6 +6,8 @@ instead of a seeded PRNG. This times one call per size, median over repeats (one
 
 * ``numpy default_rng().normal``: the seeded PRNG the server/local noise used before (1 draw);
 * ``SecretRandom.gaussian``: 4 polar-method normals per coordinate from the AES keystream;
+* ``SecretRandom.random_bytes``: the AES-256-CTR keystream alone that ``gaussian`` consumes
+  (4 normals at 32/pi bytes each: 16 bytes per polar candidate pair, pi/4 of pairs kept);
 * ``SecretRandom.discrete_laplace``: 2 geometric draws per coordinate;
 * ``torch.normal`` (float32) vs ``SecretRandom.torch_gaussian_like`` (float32): the DP-SGD
   noise Opacus added before and the one ``client_app/dpsgd.py`` adds now.
@@ -18,6 +20,7 @@ Prints the table and writes it to ``benchmarks/results_noise.md``.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -56,6 +59,8 @@ def measure(repeats: int) -> list[list[str]]:
         for name, ms, versus in (
             ("numpy `default_rng().normal` (PRNG, 1 draw)", base, base),
             ("`SecretRandom.gaussian` (CSPRNG, 4 draws / 2)", _ms(lambda: rng.gaussian(n, 1.0), repeats), base),
+            ("its AES-256-CTR keystream alone (4 x 32/pi bytes per coordinate)",
+             _ms(lambda: rng.random_bytes(round(4 * n * 32 / math.pi)), repeats), base),
             ("`SecretRandom.discrete_laplace` (CSPRNG)", _ms(lambda: rng.discrete_laplace(n, 1.0), repeats), base),
             ("`torch.normal` float32 (Opacus's noise before)", torch_base, torch_base),
             ("`SecretRandom.torch_gaussian_like` float32", _ms(lambda: rng.torch_gaussian_like(reference, 1.0), repeats), torch_base),
@@ -84,7 +89,8 @@ def main(argv=None) -> None:
             "",
             "Ratios: the numpy rows against numpy's PRNG normal of the same size, the torch rows against",
             "`torch.normal`. The Gaussian's cost is 4 normals per coordinate (the float-attack mitigation)",
-            "drawn from the AES-256-CTR keystream by the polar method; the keystream itself is a small part.",
+            "drawn from the AES-256-CTR keystream by the polar method; the keystream row is the part no",
+            "transform can save (the rest is the polar transform: about 20 numpy array operations per block).",
             "",
         ]
     )
