@@ -121,6 +121,32 @@ def group_pids(pgid: int) -> list[int]:
     return found
 
 
+def descendant_groups(roots: list[int]) -> list[int]:
+    """The process groups of every live descendant of ``roots`` other than the roots' own (from /proc).
+
+    Flower's SuperLink starts its SuperExec in a session of its own, and that one the simulation
+    process and, through ``ray.init()``, Ray's processes: found while the SuperLink is still their ancestor."""
+    parents: dict[int, list[int]] = {}
+    groups: dict[int, int] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry.name))
+                groups[int(entry.name)] = int(fields[2])
+    found, todo = set(), list(roots)
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.add(groups[child])
+            todo.append(child)
+    return sorted(found - set(roots))
+
+
 def pid_alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -179,15 +205,18 @@ class Runtime:
     the simulation processes, the Ray workers).
     """
 
-    def __init__(self, env_extra: dict[str, str] | None = None, ray: bool = True, home: Path | None = None):
+    def __init__(self, env_extra: dict[str, str] | None = None, ray: bool = True, home: Path | None = None,
+                 in_memory: bool = False):
         self.env_extra = dict(env_extra or {})
         self.use_ray_head = ray
+        self.in_memory = in_memory  # the SuperLink's state in memory (Flower's default) instead of <home>/state.db
         self.home = Path(home) if home else Path(tempfile.mkdtemp(prefix="flwr-home-"))
         self.superlink: subprocess.Popen | None = None
         self.ray_head: subprocess.Popen | None = None
         self.http_port = self.control_port = 0
         self.ray_address = ""
         self.failed = False  # a run on it failed: its logs are kept
+        self.results_final = False  # its one run's results are written: stop() need not wait for anything
         self._runs = 0
 
     # -- starting --------------------------------------------------------------------------
@@ -221,8 +250,8 @@ class Runtime:
                 flwr_bin("flower-superlink"), "--insecure", "--simulation",
                 "--disable-runtime-dependency-installation",
                 "--host", "127.0.0.1", "--port", str(self.http_port),
-                "--control-api-address", f"127.0.0.1:{self.control_port}",
-                "--database", str(self.home / "state.db"), "--log-file", str(self.log_file),
+                "--control-api-address", f"127.0.0.1:{self.control_port}", "--log-file", str(self.log_file),
+                *([] if self.in_memory else ["--database", str(self.home / "state.db")]),
             ], self.env(), self.home / "superlink.out")
             self._wait_superlink(timeout)
             self._write_descriptor()
@@ -236,7 +265,10 @@ class Runtime:
         self.ray_address = f"127.0.0.1:{ports['--port']}"
         temp_dir = self.home / "ray"  # Ray's sockets live here: keep the path short (Unix sockets: 107 bytes)
         command = [flwr_bin("ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                   "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp_dir)]
+                   "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp_dir),
+                   # Workers (and the connecting driver) bind ports the OS picks: Ray's default range starts at
+                   # 10002 for every head, and two heads side by side once gave a driver the other's port.
+                   "--min-worker-port", "0", "--max-worker-port", "0"]
         for option, port in ports.items():
             command += [option, str(port)]
         self.ray_head = _spawn(command, base_env(self.home) | self.env_extra, self.ray_log)
@@ -290,12 +322,16 @@ class Runtime:
 
     # -- stopping --------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Stop both process groups (in parallel) and wait until none of their processes is left; the
-        runtime's directory goes too unless a run on it failed (then its logs are kept there)."""
+    def stop(self, now: bool = False) -> None:
+        """Stop both process groups and the groups their descendants started (in parallel) and wait until
+        none of their processes is left; the runtime's directory goes too unless a run on it failed (then
+        its logs are kept there). ``now``: no grace (the run's results are final, nothing is left to save)."""
         # The SuperLink gets time to stop its simulation process; Ray's processes keep nothing worth a
         # graceful stop (its state lives in memory and in the temp dir under home): 1 s, then SIGKILL.
-        leaders = [(p, grace) for p, grace in ((self.superlink, 10.0), (self.ray_head, 1.0)) if p is not None]
+        leaders: list[tuple[subprocess.Popen | int, float]] = [
+            (p, 0.0 if now else grace) for p, grace in ((self.superlink, 10.0), (self.ray_head, 1.0)) if p is not None]
+        started = [p.pid for p, _ in leaders if isinstance(p, subprocess.Popen)]
+        leaders += [(group, 0.0 if now else 10.0) for group in descendant_groups(started)]
         threads = [threading.Thread(target=stop_group, args=leader) for leader in leaders]
         for thread in threads:
             thread.start()

@@ -5,9 +5,11 @@ Flower's managed local SuperLink keeps running in the background after `flwr run
 machine-wide port. This command instead starts a private simulation SuperLink on free
 loopback ports with a private FLWR_HOME, and with it a Ray head that the simulation connects
 to (Ray's start then overlaps the SuperLink's and the submission), submits the app with
-`flwr run --stream`, checks the run's final status (`flwr run --stream` exits 0 even when
-the run failed), and always stops what it started (also on Ctrl-C and SIGTERM). Under
-`fl-dp sweep`, or after `fl-dp runtime start`, it submits to that shared runtime instead.
+`flwr run --stream`, and returns as soon as the run's results are final (the ServerApp's last
+line, confirmed by its summary.json; otherwise it checks Flower's final status, since
+`flwr run --stream` exits 0 even when the run failed). It always stops every process it
+started (also on Ctrl-C and SIGTERM). Under `fl-dp sweep`, or after `fl-dp runtime start`,
+it submits to that shared runtime instead and waits for Flower's final status there.
 Exit code 0 only when every planned round ran (see below).
 
     fl-dp simulate --num-clients 10 --run-config "num-server-rounds=5"
@@ -163,11 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Using the shared runtime in {shared.home} (SuperLink {shared.http_port}, Ray head "
                   f"{shared.ray_address or 'none'})", flush=True)
             return submit(shared, args, output_dir, run_config)
-        # One command, one run: Flower's simulation process starts Ray itself, as Flower does. A Ray
-        # head of our own (what a sweep or `fl-dp runtime start` shares between runs) made one of two
-        # `fl-dp simulate` commands started at once fail after 60 s (tests/test_reliability.py runs
-        # two side by side); a single run gains little from it (benchmarks/results.md section 6).
-        runtime = Runtime(ray=False)
+        # A Ray head of our own, started with the SuperLink: Ray's start overlaps the SuperLink's, the
+        # submission and the simulation process's imports instead of following them. Its workers bind
+        # ports the OS picks (two heads side by side once collided on Ray's default worker port,
+        # failing one of two commands). The SuperLink keeps its state in memory: nothing outlives
+        # the command.
+        runtime = Runtime(in_memory=True)
         # `flwr run` imports Flower's CLI while the SuperLink and the Ray head start.
         submission = PreparedFlwr(merge_stderr=True).prepare(runtime.env())
         try:
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fl-dp simulate: {error}", file=sys.stderr)
             return outcome.FAILED
         try:
-            return submit(runtime, args, output_dir, run_config, submission)
+            return submit(runtime, args, output_dir, run_config, submission, own_runtime=True)
         except KeyboardInterrupt:  # Ctrl-C: no traceback; the runtime is stopped below, its logs kept
             runtime.failed = True
             print(f"\nfl-dp simulate: interrupted; stopping the runtime (its logs stay in {runtime.home})",
@@ -188,16 +191,31 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             submission.close()
-            runtime.stop()
+            runtime.stop(now=runtime.results_final)
+
+
+def results_final(line: str, output_dir: Path) -> str | None:
+    """The run's stop kind if ``line`` is the ServerApp's last line and the summary it wrote says the same
+    (every result file is written before that line), for a run that ended as planned (not ``failed``); else None."""
+    said = outcome.stop_kind_in_log(line)
+    if said is None or said == "failed" or said not in outcome.EXIT_CODES:
+        return None
+    return said if outcome.stop_kind_in_summary(output_dir) == said else None
 
 
 def submit(runtime, args: argparse.Namespace, output_dir: Path, run_config: str,
-           submission: PreparedFlwr | None = None) -> int:
+           submission: PreparedFlwr | None = None, own_runtime: bool = False) -> int:
     """Submit the run to ``runtime``'s SuperLink with `flwr run --stream`, echo its log, and return the exit code.
 
-    A run that does not complete marks the runtime failed, so its logs are kept."""
+    On a runtime of its own (``own_runtime``) the command returns as soon as the run's results are final:
+    the ServerApp's last line (``fl-dp stop-kind: <kind>``) has come and ``summary.json`` says the same kind.
+    What follows in Flower (its simulation process stopping Ray, the run's status, `flwr run` ending)
+    changes no result; the caller then stops the whole runtime. A shared runtime is waited for as before
+    (its next run needs this one finished). A run that does not complete marks the runtime failed, so its
+    logs are kept."""
     env = runtime.env()
     code, run_id, query = outcome.FAILED, None, StatusQuery(env)
+    final_kind: str | None = None
     try:
         federation = f"num-supernodes={args.num_clients} client-resources-num-cpus={args.cpus_per_client}"
         command = [
@@ -211,8 +229,19 @@ def submit(runtime, args: argparse.Namespace, output_dir: Path, run_config: str,
             print(line, end="", flush=True)
             match = re.search(r"Successfully started run (\d+)", line)
             run_id = run_id or (match.group(1) if match else None)
-            if "fl-dp stop-kind:" in line:  # the ServerApp's last line: the run is ending
+            if outcome.STOP_KIND_LINE in line:  # the ServerApp's last line: the run is ending
+                final_kind = results_final(line, output_dir) if own_runtime and run_id else None
+                if final_kind is not None:
+                    break
                 query.prepare(env)
+        if final_kind is not None:
+            streamed.kill()  # only Flower's wrap-up is left; the runtime is stopped next
+            streamed.wait()
+            code = outcome.EXIT_CODES[final_kind]
+            runtime.results_final = True
+            print(f"Run {run_id}: results final (summary.json: {final_kind}), {outcome.describe(code)}", flush=True)
+            print(f"Results: {output_dir}")
+            return code
         streamed.wait()
         if run_id is None:
             print("flwr run did not start a run" + (f": {runtime.check()}" if runtime.check() else ""), file=sys.stderr)
