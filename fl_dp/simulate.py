@@ -9,7 +9,7 @@ to (Ray's start then overlaps the SuperLink's and the submission), submits the a
 line, confirmed by its summary.json; otherwise it checks Flower's final status, since
 `flwr run --stream` exits 0 even when the run failed). It always stops every process it
 started (also on Ctrl-C and SIGTERM). Under `fl-dp sweep`, or after `fl-dp runtime start`,
-it submits to that shared runtime instead and waits for Flower's final status there.
+it submits to that shared runtime instead (and leaves it running).
 Exit code 0 only when every planned round ran (see below).
 
     fl-dp simulate --num-clients 10 --run-config "num-server-rounds=5"
@@ -207,12 +207,14 @@ def submit(runtime, args: argparse.Namespace, output_dir: Path, run_config: str,
            submission: PreparedFlwr | None = None, own_runtime: bool = False) -> int:
     """Submit the run to ``runtime``'s SuperLink with `flwr run --stream`, echo its log, and return the exit code.
 
-    On a runtime of its own (``own_runtime``) the command returns as soon as the run's results are final:
-    the ServerApp's last line (``fl-dp stop-kind: <kind>``) has come and ``summary.json`` says the same kind.
-    What follows in Flower (its simulation process stopping Ray, the run's status, `flwr run` ending)
-    changes no result; the caller then stops the whole runtime. A shared runtime is waited for as before
-    (its next run needs this one finished). A run that does not complete marks the runtime failed, so its
-    logs are kept."""
+    The command returns as soon as the run's results are final: the ServerApp's last line
+    (``fl-dp stop-kind: <kind>``) has come and ``summary.json`` says the same kind. What follows in
+    Flower (its simulation process ending its Ray job, the run's status, `flwr run` ending) changes no
+    result: on a runtime of its own (``own_runtime``) the caller then stops the whole runtime at once; on
+    a shared one (a sweep's, a warm runtime) that wrap-up finishes there while the next command starts
+    (each run has its own simulation process and Ray job). A failed run, or one whose summary does not
+    say the same, is waited for and its Flower status checked as before. A run that does not complete
+    marks the runtime failed, so its logs are kept."""
     env = runtime.env()
     code, run_id, query = outcome.FAILED, None, StatusQuery(env)
     final_kind: str | None = None
@@ -230,7 +232,7 @@ def submit(runtime, args: argparse.Namespace, output_dir: Path, run_config: str,
             match = re.search(r"Successfully started run (\d+)", line)
             run_id = run_id or (match.group(1) if match else None)
             if outcome.STOP_KIND_LINE in line:  # the ServerApp's last line: the run is ending
-                final_kind = results_final(line, output_dir) if own_runtime and run_id else None
+                final_kind = results_final(line, output_dir) if run_id else None
                 if final_kind is not None:
                     break
                 query.prepare(env)
@@ -238,7 +240,7 @@ def submit(runtime, args: argparse.Namespace, output_dir: Path, run_config: str,
             streamed.kill()  # only Flower's wrap-up is left; the runtime is stopped next
             streamed.wait()
             code = outcome.EXIT_CODES[final_kind]
-            runtime.results_final = True
+            runtime.results_final = own_runtime  # a shared runtime lets the run's wrap-up finish there
             print(f"Run {run_id}: results final (summary.json: {final_kind}), {outcome.describe(code)}", flush=True)
             print(f"Results: {output_dir}")
             return code
