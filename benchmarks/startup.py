@@ -4,7 +4,8 @@
 Side by side in one run, as ratios (the machine is shared: compare within a repeat, A B A B):
 
 (Q) ``fl-dp simulate``: the README's quick start (digits, mlp, 10 clients, 5 rounds, defaults): its own
-    SuperLink and Ray head, started together, stopped before it exits.
+    SuperLink and Ray head, started together; it returns once the run's results are final and stops
+    every process it started before it exits.
 (P) the same job as a plain Flower 1.41 app (``benchmarks/plain_flower_app``: Flower's FedAvg, the same
     MLP, data split and local training, federated and central evaluation every round), submitted with
     ``flwr run`` to a simulation SuperLink started the standard way: Flower's simulation process starts
@@ -77,6 +78,7 @@ def plain_flower(output: Path) -> int:
     with Runtime(ray=False) as runtime:  # no Ray head: the simulation process runs Flower's own ray.init()
         done = subprocess.run([flwr_bin("flwr"), "run", str(PLAIN_APP), "sim", "--stream", "--federation-config",
                                "num-supernodes=10 client-resources-num-cpus=1"], env=runtime.env(), check=False)
+        print("plain: flwr run exited; stopping the SuperLink", flush=True)  # the log's timestamps show the stop's cost
     return done.returncode
 
 
@@ -118,7 +120,8 @@ def report(rows: dict[str, list[dict]], sweep_runs: int) -> str:
 {bench.machine()}
 
 (Q) `fl-dp simulate` (the quick start: digits, `mlp`, 10 clients, 5 rounds; its own SuperLink and Ray head,
-started together); (P) the same job as a plain Flower 1.41 app (`benchmarks/plain_flower_app`: Flower's
+started together; it returns once the results are final, every process it started stopped); (P) the same
+job as a plain Flower 1.41 app (`benchmarks/plain_flower_app`: Flower's
 FedAvg, the same MLP, split and training) through `flwr run` on a simulation SuperLink started the standard
 way (Flower's simulation process starts Ray itself), SuperLink start and stop included; (W) `fl-dp simulate`
 on a warm runtime (`fl-dp runtime start` before, not timed); (S) `fl-dp sweep --dp server --epsilons ...`
