@@ -283,3 +283,38 @@ def test_gaussian_larger_than_one_block_keeps_the_distribution():
         assert _within(part.mean(), 0.0, 2.0 / math.sqrt(len(part)))
         assert _within(part.var(), 4.0, math.sqrt(2 * 16.0 / len(part)))
         assert stats.kstest(part, "norm", args=(0.0, 2.0)).pvalue > P_MIN
+
+
+def test_concurrent_draws_in_threads_are_the_sequential_draws():
+    """The sampler's working arrays are per thread: two threads drawing at once get what each stream gives alone."""
+    import threading
+
+    sizes = (3, 5000, 70_001)
+
+    def draws(key: str) -> list[np.ndarray]:
+        rng = SecretRandom.from_debug_key(key)
+        return [rng.gaussian(n, 1.0) for n in sizes] + [rng.standard_normal(n) for n in sizes]
+
+    expected = {key: draws(key) for key in ("a", "b")}
+    got: dict[str, list[np.ndarray]] = {}
+
+    def draw(key: str) -> None:
+        got[key] = draws(key)
+
+    threads = [threading.Thread(target=draw, args=(key,)) for key in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for key in ("a", "b"):
+        assert all(np.array_equal(x, y) for x, y in zip(got[key], expected[key]))
+
+
+def test_draws_are_fresh_arrays_not_views_of_working_memory():
+    """What a draw returns is its own: later draws (which reuse the sampler's working arrays) leave it alone."""
+    rng = SecretRandom()
+    first, normals = rng.gaussian((30, 40), 1.0), rng.standard_normal(1001)
+    kept = first.copy(), normals.copy()
+    later = [rng.gaussian(n, 1.0) for n in (1200, 30_000)] + [rng.standard_normal(5000)]
+    assert np.array_equal(first, kept[0]) and np.array_equal(normals, kept[1])
+    assert not any(np.shares_memory(a, b) for a in (first, normals) for b in later)

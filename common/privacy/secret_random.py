@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from typing import TYPE_CHECKING, Sequence, TypeVar
 
 import numpy as np
@@ -63,6 +64,21 @@ GAUSSIAN_BLOCK = 1 << 14  # coordinates per pass of ``gaussian``: 2^16 normals, 
 
 
 Size = int | Sequence[int]  # an array shape, or one dimension (NumPy's ``size``)
+
+# The normal sampler's working arrays, kept per thread and grown on demand: fresh arrays of this size
+# are page-faulted in on every call once the allocator has handed them back to the system, which cost
+# 2-4x the arithmetic at 10^4-10^5 coordinates per call. Per thread, so concurrent draws never share
+# one; they hold only the last pass's values, in this process's memory like the key itself.
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, size: int, dtype) -> np.ndarray:
+    """This thread's working array ``name``: the first ``size`` elements of a buffer kept between calls."""
+    buffer = getattr(_SCRATCH, name, None)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(size, dtype=dtype)
+        setattr(_SCRATCH, name, buffer)
+    return buffer[:size]
 
 
 def _count(size: Size) -> tuple[tuple[int, ...], int]:
@@ -101,7 +117,11 @@ class SecretRandom:
 
     def random_bytes(self, n: int) -> np.ndarray:
         """The next ``n`` keystream bytes (uint8), encrypted in cache-sized chunks into one buffer."""
-        buffer = np.empty(n + BLOCK, dtype=np.uint8)  # update_into wants block - 1 spare bytes
+        return self._keystream_into(np.empty(n + BLOCK, dtype=np.uint8), n)
+
+    def _keystream_into(self, buffer: np.ndarray, n: int) -> np.ndarray:
+        """The next ``n`` keystream bytes written to ``buffer`` (uint8, >= n + 16 bytes: update_into wants
+        block - 1 spare bytes); returns ``buffer[:n]``."""
         zeros, target = memoryview(_ZEROS), buffer.data  # memoryviews: slicing them copies nothing
         for start in range(0, n, CHUNK):
             length = min(CHUNK, n - start)
@@ -171,17 +191,21 @@ class SecretRandom:
         while filled < pairs:  # blocks of <= NORMAL_BLOCK candidates: bounded temporaries, few Python calls
             need = pairs - filled
             candidates = min(int(1.3 * need) + 32, NORMAL_BLOCK)
-            words = self.random_bytes(16 * candidates).view("<i8")
+            keystream = self._keystream_into(_scratch("keystream", 16 * candidates + BLOCK, np.uint8), 16 * candidates)
+            words = keystream.view("<i8")
             np.right_shift(words, 11, out=words)  # U, V: integers in [-2^52, 2^52)
-            uv = words.astype(np.float64)  # exact: |U| <= 2^52
+            uv = _scratch("uv", 2 * candidates, np.float64)
+            uv[:] = words  # exact: |U| <= 2^52
             u, v = uv[:candidates], uv[candidates:]
-            big_s = u * u
-            big_s += v * v  # S * 2^-104 is exactly the float u*u + v*v of the scaled pair
-            keep = np.flatnonzero((big_s > 0.0) & (big_s < 2.0**104))[:need]
+            big_s = np.multiply(u, u, out=_scratch("big_s", candidates, np.float64))
+            big_s += np.multiply(v, v, out=_scratch("v2", candidates, np.float64))  # S 2^-104 = u*u + v*v exactly
+            keep_mask = np.less(big_s, 2.0**104, out=_scratch("keep", candidates, np.bool_))
+            keep_mask &= np.greater(big_s, 0.0, out=_scratch("positive", candidates, np.bool_))
+            keep = np.flatnonzero(keep_mask)[:need]
             kept = len(keep)
-            s = big_s.take(keep)
+            s = big_s.take(keep, out=_scratch("s", kept, np.float64))
             s *= 2.0**-104  # exact: s = u^2 + v^2 in (0, 1)
-            factor = np.log(s)
+            factor = np.log(s, out=_scratch("factor", kept, np.float64))
             factor *= -(2.0**-103)
             factor /= s
             np.sqrt(factor, out=factor)  # 2^-52 sqrt(-2 ln s / s)
@@ -213,7 +237,7 @@ class SecretRandom:
         if std == 0.0:
             return np.zeros(shape)
         out = np.empty(count)
-        draws = np.empty(4 * min(count, GAUSSIAN_BLOCK))
+        draws = _scratch("draws", 4 * min(count, GAUSSIAN_BLOCK), np.float64)
         for start in range(0, count, GAUSSIAN_BLOCK):
             n = min(GAUSSIAN_BLOCK, count - start)
             z = draws[: 4 * n]
