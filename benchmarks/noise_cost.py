@@ -91,6 +91,10 @@ def main(argv=None) -> None:
             "`torch.normal`. The Gaussian's cost is 4 normals per coordinate (the float-attack mitigation)",
             "drawn from the AES-256-CTR keystream by the polar method; the keystream row is the part no",
             "transform can save (the rest is the polar transform: about 20 numpy array operations per block).",
+            "At 10^4-10^5 coordinates a call can be dominated by first-touch page faults of freshly",
+            "allocated temporaries rather than by the arithmetic (the allocator hands memory back to the",
+            "system between calls); the Gaussian keeps its working arrays per thread for this reason, the",
+            "other draws allocate per call. Compare rows measured in the same run.",
             "",
         ]
     )
