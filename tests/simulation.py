@@ -10,8 +10,11 @@ file. The user's path (``flwr run`` via scripts/simulate.py) has its own end-to-
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,25 @@ APP_DIR = Path(__file__).resolve().parent.parent
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+@contextlib.contextmanager
+def _one_ast_parse_at_a_time():
+    """Serialize ``ast.parse`` while the engine runs. Its ServerApp thread and its client loader both
+    check their app's source with ``ast.parse``, and two parses at once in CPython 3.11 can fail
+    with "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905; seen once
+    in this suite). Each parse runs unchanged, one after the other."""
+    parse, lock = ast.parse, threading.Lock()
+
+    def locked_parse(*args, **kwargs):
+        with lock:
+            return parse(*args, **kwargs)
+
+    ast.parse = locked_parse
+    try:
+        yield
+    finally:
+        ast.parse = parse
 
 
 def run_app(overrides: dict[str, Any], num_clients: int = 10, cpus_per_client: int = 1) -> Path:
@@ -41,17 +63,18 @@ def run_app(overrides: dict[str, Any], num_clients: int = 10, cpus_per_client: i
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
     fused = get_fused_config_from_dir(APP_DIR, run.override_config)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
-    _run_simulation(
-        num_supernodes=num_clients,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app_attr="client_app.app:app",
-        server_app_attr="server_app.app:app",
-        server_app_context=context,
-        app_dir=str(APP_DIR),
-        is_app=True,
-        run=run,
-        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
-    )
+    with _one_ast_parse_at_a_time():
+        _run_simulation(
+            num_supernodes=num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app_attr="client_app.app:app",
+            server_app_attr="server_app.app:app",
+            server_app_context=context,
+            app_dir=str(APP_DIR),
+            is_app=True,
+            run=run,
+            backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
+        )
     return output_dir
 
 
