@@ -44,6 +44,22 @@ def _one_ast_parse_at_a_time():
         ast.parse = parse
 
 
+@contextlib.contextmanager
+def _pythonpath_kept():
+    """Put PYTHONPATH back as it was: Flower's Ray backend sets it, in this process's environment,
+    to the driver's whole sys.path (this venv's site-packages included), and every later subprocess
+    would inherit it (docker-compose, a system Python tool, then imported this venv's packages and
+    failed in a later test of the same process)."""
+    before = os.environ.get("PYTHONPATH")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
 def run_app(overrides: dict[str, Any], num_clients: int = 10, cpus_per_client: int = 1) -> Path:
     """Run the federation with ``overrides`` on ``num_clients`` simulated nodes; return output-dir."""
     from flwr.app import Context, RecordDict
@@ -63,7 +79,7 @@ def run_app(overrides: dict[str, Any], num_clients: int = 10, cpus_per_client: i
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
     fused = get_fused_config_from_dir(APP_DIR, run.override_config)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
-    with _one_ast_parse_at_a_time():
+    with _one_ast_parse_at_a_time(), _pythonpath_kept():
         _run_simulation(
             num_supernodes=num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

@@ -74,6 +74,8 @@ class Stack:
         }
         if base:
             self.env["FL_BASE_IMAGE"] = base
+        for name in ("PYTHONPATH", "PYTHONHOME"):  # docker-compose is a system Python tool: never this venv's packages
+            self.env.pop(name, None)
         self.timings: dict[str, float] = {}
 
     def run(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ that both release the same model, bit for bit.
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -88,7 +89,9 @@ def test_the_harness_releases_what_flowers_simulation_runtime_releases(tmp_path)
 
     overrides = {"num-server-rounds": 2, "clients-per-round": 3, "local-epochs": 2}
     here = run_inprocess(overrides | {"output-dir": str(tmp_path / "inprocess")}, num_clients=5)
+    pythonpath = os.environ.get("PYTHONPATH")
     there = run_app(overrides | {"output-dir": str(tmp_path / "simulation")}, num_clients=5)
+    assert os.environ.get("PYTHONPATH") == pythonpath  # Flower's Ray backend sets it; later subprocesses must not inherit it
     assert (here / "model.pt").read_bytes() == (there / "model.pt").read_bytes()
     rows = [json.loads((out / "metrics.json").read_text()) for out in (here, there)]
     assert [{k: v for k, v in row.items() if k != "seconds"} for row in rows[0]] == [
