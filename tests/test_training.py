@@ -58,7 +58,10 @@ def test_a_cold_non_private_client_imports_nothing_heavy(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
     load_client_data(RunConfig.from_run_config({"dataset": "digits"}), NodeConfig(0, 10), 64, 10)
     assert any(tmp_path.rglob("*"))  # the cache the cold process must read, not rebuild
-    env = os.environ | {"FL_DP_CACHE": str(tmp_path)}
+    # A clean environment, as a SuperNode gives its ClientApp process: nothing another test of this
+    # process left in os.environ (one run on three xdist workers saw scipy and matplotlib loaded here).
+    env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
+    env |= {"FL_DP_CACHE": str(tmp_path), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     run = subprocess.run([sys.executable, "-c", COLD_CLIENT, str(ROOT)], env=env, capture_output=True, text=True, check=True)
     loaded = json.loads(run.stdout.splitlines()[-1])
     assert loaded == {name: False for name in loaded}, loaded
