@@ -105,9 +105,8 @@ def _spawn(command: list[str], env: dict, log_file: Path) -> subprocess.Popen:
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Every live (not zombie) process in process group ``pgid`` (from /proc; empty elsewhere)."""
-    found = []
+def _live_processes():
+    """(pid, parent pid, process group) of every live (not zombie) process, from /proc (nothing elsewhere)."""
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
@@ -116,9 +115,13 @@ def group_pids(pgid: int) -> list[int]:
                 fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                found.append(int(entry.name))
-    return found
+            if fields[0] != "Z":
+                yield int(entry.name), int(fields[1]), int(fields[2])
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every live (not zombie) process in process group ``pgid`` (from /proc; empty elsewhere)."""
+    return [pid for pid, _, group in _live_processes() if group == pgid]
 
 
 def descendant_groups(roots: list[int]) -> list[int]:
@@ -128,17 +131,9 @@ def descendant_groups(roots: list[int]) -> list[int]:
     process and, through ``ray.init()``, Ray's processes: found while the SuperLink is still their ancestor."""
     parents: dict[int, list[int]] = {}
     groups: dict[int, int] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if fields[0] != "Z":
-                parents.setdefault(int(fields[1]), []).append(int(entry.name))
-                groups[int(entry.name)] = int(fields[2])
+    for pid, parent, group in _live_processes():
+        parents.setdefault(parent, []).append(pid)
+        groups[pid] = group
     found, todo = set(), list(roots)
     while todo:
         for child in parents.get(todo.pop(), []):
