@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 # Two pytest-xdist workers, one test file each at a time (--dist loadfile keeps a file's module
 # fixtures, e.g. one TLS deployment or compose stack, in one process). The real-runtime tests spend
 # much of their time waiting (Flower's 3 s idle polling, its 60 s heartbeat timeout, Docker), so
-# two of them overlap well on 2 cores; tests/conftest.py starts those files first. A serial run:
-# ./scripts/test.sh -n 0
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
+# two of them overlap well on 2 cores; tests/conftest.py starts those files first, longest first, and
+# --no-loadscope-reorder keeps that order (by default pytest-xdist hands out files with the most tests
+# first, which started the few-test e2e files last). A serial run: ./scripts/test.sh -n 0
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"
