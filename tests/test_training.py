@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from client_app.sgd import MomentumSGD
-from common.config import NodeConfig, RunConfig
-from common.data.client_data import load_client_data
 from common.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,20 +46,28 @@ print(json.dumps({name: name in sys.modules for name in heavy}))
 """
 
 
-def test_a_cold_non_private_client_imports_nothing_heavy(tmp_path, monkeypatch):
+PRIME_CACHE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from common.config import NodeConfig, RunConfig
+from common.data.client_data import load_client_data
+load_client_data(RunConfig.from_run_config({"dataset": "digits"}), NodeConfig(0, 10), 64, 10)
+"""
+
+
+def test_a_cold_non_private_client_imports_nothing_heavy(tmp_path):
     """A fresh process (as every deployment message is) trains without sklearn, opacus & co.
 
-    The data cache is built here first, by the same loader a ClientApp calls (the very first load
-    on a machine builds it from sklearn): one cold process is enough to check the cached path.
+    The data cache is built first by the same loader a ClientApp calls (the very first load on a
+    machine builds it from sklearn), in a fresh process of its own: this test process may already
+    hold the dataset in memory from an earlier test and would then write no cache at all (seen on
+    two xdist workers: the cold process rebuilt digits and imported sklearn and scipy). Both run in a
+    clean environment, as a SuperNode gives its ClientApp process.
     """
-    monkeypatch.setenv("FL_DP_CACHE", str(tmp_path))
-    assert not any(tmp_path.iterdir())
-    load_client_data(RunConfig.from_run_config({"dataset": "digits"}), NodeConfig(0, 10), 64, 10)
-    assert any(tmp_path.rglob("*"))  # the cache the cold process must read, not rebuild
-    # A clean environment, as a SuperNode gives its ClientApp process: nothing another test of this
-    # process left in os.environ (one run on three xdist workers saw scipy and matplotlib loaded here).
     env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
     env |= {"FL_DP_CACHE": str(tmp_path), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    subprocess.run([sys.executable, "-c", PRIME_CACHE, str(ROOT)], env=env, capture_output=True, text=True, check=True)
+    assert len(list(tmp_path.glob("*.npz"))) == 2  # the dataset and the partition table: what a client reads
     run = subprocess.run([sys.executable, "-c", COLD_CLIENT, str(ROOT)], env=env, capture_output=True, text=True, check=True)
     loaded = json.loads(run.stdout.splitlines()[-1])
     assert loaded == {name: False for name in loaded}, loaded
