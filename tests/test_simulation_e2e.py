@@ -34,12 +34,17 @@ def test_a_dpsgd_federation_learns_and_keeps_each_clients_ledger_across_rounds(t
 
 def test_runs_sharing_one_runtime_see_nothing_of_each_other_and_it_is_gone_after(tmp_path, monkeypatch):
     """What fl-dp sweep does: several `fl-dp simulate` runs on ONE SuperLink + Ray head. A DP-SGD run,
-    a non-private run with another seed, the DP-SGD run again: the non-private run gives exactly what it
-    gives alone (on its own runtime), the repeated DP-SGD run spends exactly the first one's epsilon (no
-    client ledger carried over in a Ray worker or the SuperLink), and no process of the runtime is left."""
+    a non-private run with another seed, the DP-SGD run again: the non-private run gives exactly what a
+    fresh federation gives (the in-process harness: tests/test_inprocess.py shows it releases what
+    Flower's runtime releases, bit for bit), the repeated DP-SGD run spends exactly the first one's
+    epsilon (no client ledger carried over in a Ray worker or the SuperLink), and no process of the
+    runtime is left."""
     import json
 
+    from inprocess import run_inprocess
+
     from fl_dp import simulate
+    from fl_dp.run_config import parse_overrides
     from fl_dp.runtime import DESCRIPTOR, RUNTIME_ENV, Runtime, group_pids
 
     base = ["--num-clients", "2", "--cpus-per-client", "1"]
@@ -58,8 +63,8 @@ def test_runs_sharing_one_runtime_see_nothing_of_each_other_and_it_is_gone_after
     assert not [pid for g in groups for pid in group_pids(g)], "a process of the shared runtime outlived it"
     assert not runtime.home.exists()
 
-    monkeypatch.delenv(RUNTIME_ENV)
-    alone = run("plain-alone", plain)
+    alone_dir = run_inprocess(parse_overrides(plain) | {"output-dir": str(tmp_path / "plain-alone")}, num_clients=2)
+    alone = json.loads((alone_dir / "metrics.json").read_text())
     keys = ("central_accuracy", "central_loss", "federated_accuracy", "federated_loss", "train_loss")
     assert [[row[k] for k in keys] for row in shared_plain] == [[row[k] for k in keys] for row in alone]
     epsilons = [row["sample_epsilon_max"] for row in first]
