@@ -339,7 +339,9 @@ def shared_runtime(needed: bool, started: float):
     if not needed or runtimes.attached() is not None:
         yield None
         return
-    runtime = runtimes.Runtime()
+    # In memory (nothing on it outlives the sweep) and, once every run's results are final, stopped at
+    # once, as `fl-dp simulate` stops its own: a graceful stop only keeps the logs of a failed run.
+    runtime = runtimes.Runtime(in_memory=True)
     try:
         runtime.start()
         print(f"[sweep] shared runtime up in {time.monotonic() - started:.1f}s: SuperLink 127.0.0.1:{runtime.http_port}, "
@@ -349,7 +351,7 @@ def shared_runtime(needed: bool, started: float):
         runtime.failed = True
         raise
     finally:
-        runtime.stop()
+        runtime.stop(now=not runtime.failed)
         kept = f"; its logs are kept in {runtime.home}" if runtime.failed else ""
         print(f"[sweep] shared runtime stopped{kept}", flush=True)
 
