@@ -5,9 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# --no-compile: pip would byte-compile every installed module (torch's and Ray's thousands included);
-# Python compiles what is imported on first use anyway. A fresh install: 47 s instead of 90 s.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-compile -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 .venv/bin/python -m ruff check --quiet . || {
     echo "test.sh: ruff found lint errors (listed above); fix them (many: ruff check --fix .) before the tests run" >&2
     exit 1
