@@ -46,13 +46,13 @@ def federation_run(tmp_path_factory):
     return run
 
 
-# The real-runtime files by their measured work, longest first (`./scripts/test.sh --durations=40`
-# on 2 cores: the TLS deployment ~215 s, compose ~160 s, the warm client ~120 s, flwr run ~105 s,
-# kill-and-resume ~80 s, the shared runtime ~75 s, the sweep ~40 s, the in-process engine ~20 s).
-# An e2e file missing here goes after them; a wrong order costs time, never a result.
+# The real-runtime files by their measured work, longest first (`./scripts/test.sh --durations=60`
+# on 2 cores, both workers busy: the TLS deployment ~235 s, compose ~225 s, the warm client ~125 s,
+# the shared runtime ~100 s, flwr run ~90 s, kill-and-resume ~50 s, the sweep ~35 s, the in-process
+# engine ~20 s). An e2e file missing here goes after them; a wrong order costs time, never a result.
 LONGEST_E2E_FILES_FIRST = (
-    "test_deployment.py", "test_compose.py", "test_warm_client.py", "test_flwr_run.py",
-    "test_reliability.py", "test_simulation_e2e.py", "test_sweep.py", "test_inprocess.py",
+    "test_deployment.py", "test_compose.py", "test_warm_client.py", "test_simulation_e2e.py",
+    "test_flwr_run.py", "test_reliability.py", "test_sweep.py", "test_inprocess.py",
 )
 
 
